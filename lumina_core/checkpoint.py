@@ -1,0 +1,421 @@
+"""Reading, checking, writing and converting Flag-DiT checkpoints.
+
+The released Lumina-T2I file is one 20.2 GB fp32 safetensors file. It is read memory-mapped, tensor by tensor, each
+tensor cast to the target dtype as it is read, into a model built on the meta device (`assign=True`), so loading
+needs about one copy of the weights in the target dtype. Pickled checkpoints are read only with
+`torch.load(weights_only=True)`: a pickle can otherwise run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import struct
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+from .config import FlagDiTConfig
+from .model import FlagDiT
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "module.")
+_ANCHOR = "x_embedder.weight"
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+_ST_DTYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with what was found and what to do instead."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading tensors without unpickling code
+
+
+class _TensorSource:
+    """Uniform, lazy access to the tensors of a safetensors or (weights-only) pickled checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._st = None
+        self._sd = None
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._st = safe_open(str(path), framework="pt", device="cpu")
+                keys = list(self._st.keys())
+            except Exception as err:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(
+                    f"{path} could not be read as safetensors ({err}). The file is probably truncated or corrupted "
+                    f"(an interrupted download?): download it again."
+                ) from None
+            self.keys = keys
+        else:
+            self._sd = _load_pickle_weights_only(path)
+            self.keys = list(self._sd.keys())
+
+    def shape(self, key: str) -> tuple:
+        if self._st is not None:
+            return tuple(self._st.get_slice(key).get_shape())
+        return tuple(self._sd[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._st is not None:
+            try:
+                return self._st.get_tensor(key)
+            except Exception as err:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} could not be read ({err}); the file is probably truncated or "
+                    f"corrupted: download it again."
+                ) from None
+        return self._sd[key]
+
+    def metadata(self) -> dict:
+        if self._st is not None:
+            return self._st.metadata() or {}
+        return {}
+
+
+def _load_pickle_weights_only(path: Path) -> dict:
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            # Old (non-zip) serialisation cannot be memory-mapped; read it normally, still weights-only.
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects that would run code when unpickled, so it is not a "
+            f"plain weights file ({str(err).splitlines()[0]}). Use a .safetensors copy of the model from a source "
+            f"you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint ({err}). The file is probably truncated or corrupted: "
+            f"download it again, or use a .safetensors copy."
+        ) from None
+    # Training checkpoints nest the weights one level down.
+    for wrapper in ("state_dict", "model", "module", "ema"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                obj = obj[wrapper]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no tensors (found {type(obj).__name__}); it is not a model checkpoint")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_path(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the file name and folder")
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory, not a checkpoint file: choose the .safetensors file inside it "
+            f"(for Lumina-T2I, consolidated.00-of-01.safetensors or its bf16 conversion)"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; get the file again")
+    if path.suffix not in (".safetensors",) + PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors (or .pth/.pt/.ckpt)"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recognising what a checkpoint is
+
+
+def _describe_foreign(keys: list[str]) -> Optional[str]:
+    """Name the architecture of a checkpoint that is not a Lumina-T2I Flag-DiT, with the loader to use instead."""
+    joined = "\n".join(keys)
+
+    def has(pattern: str) -> bool:
+        return re.search(pattern, joined, flags=re.MULTILINE) is not None
+
+    if has(r"(^|\.)(noise_refiner|context_refiner)\."):
+        return (
+            "a Lumina-Image-2.0 (NextDiT) transformer; ComfyUI loads it natively with its Load Diffusion Model "
+            "(UNETLoader) node"
+        )
+    if has(r"(^|\.)layers\.\d+\.attention_norm1\.") or has(r"(^|\.)layers\.\d+\.ffn_norm2\."):
+        return "a Lumina-Next (Next-DiT) transformer, which this Lumina-T2I loader does not run"
+    if has(r"(^|\.)(input_blocks|output_blocks|middle_block)\.") or has(r"(^|\.)down_blocks\.\d+\.resnets"):
+        return (
+            "a Stable Diffusion / SDXL UNet; load it with ComfyUI's Load Checkpoint or Load Diffusion Model node"
+        )
+    if has(r"(^|\.)(double_blocks|single_blocks)\."):
+        return "a Flux transformer; load it with ComfyUI's Load Diffusion Model node"
+    if has(r"(^|\.)joint_blocks\."):
+        return "a Stable Diffusion 3 transformer; load it with ComfyUI's Load Diffusion Model node"
+    if has(r"(^|\.)(embed_tokens|self_attn\.q_proj)"):
+        return (
+            "a language model (LLaMA-style) checkpoint; put the whole Hugging Face folder of LLaMA-2-7B in "
+            "models/text_encoders and load it with the Lumina Load LLaMA Text Encoder node"
+        )
+    if has(r"(^|\.)(encoder\.down|decoder\.up)\.\d+"):
+        return "a VAE; load it with ComfyUI's Load VAE node"
+    return None
+
+
+def _find_prefix(keys: Iterable[str]) -> Optional[str]:
+    for key in keys:
+        if key.endswith(_ANCHOR):
+            prefix = key[: -len(_ANCHOR)]
+            if prefix == "" or re.fullmatch(r"((model|module|diffusion_model|_orig_mod|net)\.)+", prefix):
+                return prefix
+    return None
+
+
+def infer_flag_dit_config(state_dict) -> FlagDiTConfig:
+    """The configuration of a Flag-DiT, from the shapes of its (unprefixed) tensors alone.
+
+    Accepts a state dict or any mapping from key to an object with `.shape` (or to a shape tuple).
+    """
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in state_dict.items()}
+    return _config_from_shapes(shapes, source="state dict")
+
+
+def _config_from_shapes(shapes: dict, source: str) -> FlagDiTConfig:
+    required = ("x_embedder.weight", "final_layer.linear.weight", "cap_embedder.1.weight", "layers.0.attention.gate")
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        foreign = _describe_foreign(list(shapes))
+        if foreign:
+            raise CheckpointError(f"{source} is {foreign}, not a Lumina-T2I Flag-DiT")
+        raise CheckpointError(
+            f"{source} is not a Lumina-T2I Flag-DiT: it lacks {', '.join(missing)} "
+            f"(first keys found: {', '.join(list(shapes)[:5])})"
+        )
+    dim, patch_in = shapes["x_embedder.weight"]
+    out_rows = shapes["final_layer.linear.weight"][0]
+    in_channels = 4  # SDXL-VAE latents; the patch size follows from it
+    patch_size = int(round((patch_in / in_channels) ** 0.5))
+    if patch_size < 1 or patch_size**2 * in_channels != patch_in:
+        raise CheckpointError(f"{source}: x_embedder input width {patch_in} is not 4 channels x a square patch")
+    learn_sigma = out_rows == 2 * patch_in
+    if not learn_sigma and out_rows != patch_in:
+        raise CheckpointError(f"{source}: final_layer.linear has {out_rows} outputs for {patch_in} inputs per patch")
+    n_layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k)))
+    n_heads = shapes["layers.0.attention.gate"][0]
+    head_dim = dim // n_heads
+    kv_heads = shapes["layers.0.attention.wk.weight"][0] // head_dim
+    cap_feat_dim = shapes["cap_embedder.1.weight"][1]
+    hidden = shapes["layers.0.feed_forward.w1.weight"][0]
+    multiple_of, multiplier = _ffn_params(dim, hidden)
+    try:
+        return FlagDiTConfig(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=None if kv_heads == n_heads else kv_heads,
+            multiple_of=multiple_of,
+            ffn_dim_multiplier=multiplier,
+            learn_sigma=learn_sigma,
+            qk_norm="layers.0.attention.q_norm.weight" in shapes,
+            cap_feat_dim=cap_feat_dim,
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{source}: inconsistent Flag-DiT shapes ({err})") from None
+
+
+def _ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) that reproduce an FFN width; the released rule (256, None) first."""
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if FlagDiTConfig(dim=dim, n_heads=1, multiple_of=multiple_of).ffn_hidden_dim == hidden:
+            return multiple_of, None
+    base = int(2 * (4 * dim) / 3)
+    for multiplier in (hidden / base, (hidden + 0.5) / base):
+        if int(multiplier * base) == hidden:
+            return 1, multiplier
+    raise CheckpointError(f"cannot express FFN width {hidden} for dim {dim}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def _open_flag_dit(path) -> tuple[_TensorSource, str, FlagDiTConfig]:
+    path = _check_path(path)
+    src = _TensorSource(path)
+    prefix = _find_prefix(src.keys)
+    if prefix is None:
+        foreign = _describe_foreign(src.keys)
+        if foreign:
+            raise CheckpointError(f"{path} is {foreign}, not a Lumina-T2I Flag-DiT")
+        raise CheckpointError(
+            f"{path} is not a Lumina-T2I Flag-DiT (it has no x_embedder.weight; first keys: "
+            f"{', '.join(src.keys[:5])}); load it with the node made for its model"
+        )
+    shapes = {k[len(prefix):]: src.shape(k) for k in src.keys if k.startswith(prefix)}
+    foreign = _describe_foreign(list(shapes))
+    if foreign:
+        raise CheckpointError(f"{path} is {foreign}, not a Lumina-T2I Flag-DiT")
+    config = _config_from_shapes(shapes, source=str(path))
+    return src, prefix, config
+
+
+def _check_keys(path, expected: dict, found: Iterable[str]):
+    found = set(found)
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:5])})")
+        raise CheckpointError(
+            f"{path} looks like a Flag-DiT but its keys do not match the Lumina-T2I layout: {'; '.join(parts)}. "
+            f"The file may be incomplete or from a different model version."
+        )
+
+
+def load_flag_dit(
+    path,
+    *,
+    dtype: Optional[torch.dtype] = torch.bfloat16,
+    device="cpu",
+    operations=None,
+) -> FlagDiT:
+    """Load a Lumina-T2I Flag-DiT from .safetensors (memory-mapped) or a weights-only pickle.
+
+    dtype None keeps the file's dtype. operations: a namespace of layer classes (ComfyUI passes `comfy.ops`).
+    """
+    start = time.perf_counter()
+    src, prefix, config = _open_flag_dit(path)
+    with torch.device("meta"):
+        model = FlagDiT(config, operations=operations, dtype=dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(path, expected, (k[len(prefix):] for k in src.keys if k.startswith(prefix)))
+
+    state = {}
+    for key, shape in expected.items():
+        tensor = src.get(prefix + key)
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {shape}")
+        state[key] = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+        del tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "Loaded Lumina-T2I Flag-DiT from %s: %.2fB parameters, dim %d, %d layers, %s on %s in %.1f s",
+        path,
+        n_params / 1e9,
+        config.dim,
+        config.n_layers,
+        str(dtype).replace("torch.", "") if dtype is not None else "file dtype",
+        device,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def read_flag_dit_config(path) -> FlagDiTConfig:
+    """The configuration of a checkpoint file, read from its tensor shapes (no weights loaded)."""
+    return _open_flag_dit(path)[2]
+
+
+def save_flag_dit(model: FlagDiT, path, *, dtype: Optional[torch.dtype] = None):
+    """Write a Flag-DiT as safetensors in the released key layout."""
+    state = model.state_dict()
+    _write_safetensors(
+        path,
+        ((k, v if dtype is None else v.to(dtype)) for k, v in state.items()),
+        shapes={k: (tuple(v.shape), dtype or v.dtype) for k, v in state.items()},
+        metadata={"format": "pt", "model": "lumina-t2i-flag-dit"},
+    )
+
+
+def _write_safetensors(path, tensors: Iterator, *, shapes: dict, metadata: dict):
+    """Stream tensors into a safetensors file one at a time (the header is computed from the shapes first).
+
+    The file is written beside its destination and renamed at the end, so an interrupted write never leaves a
+    half-written file under the final name.
+    """
+    path = Path(path)
+    header = {}
+    offset = 0
+    for key, (shape, dtype) in shapes.items():
+        if dtype not in _ST_DTYPE_NAMES:
+            raise CheckpointError(f"cannot store {key} of dtype {dtype} in safetensors here")
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for key, tensor in tensors:
+                shape, dtype = shapes[key]
+                tensor = tensor.detach().to("cpu", dtype).contiguous()
+                if tuple(tensor.shape) != tuple(shape):
+                    raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} differs from the header {shape}")
+                f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def convert_checkpoint(
+    src_path, dst_path, *, dtype: torch.dtype = torch.bfloat16, progress: Optional[Callable[[int, int], None]] = None
+) -> FlagDiTConfig:
+    """Rewrite a released Flag-DiT checkpoint (safetensors or .pth) as an unprefixed safetensors file in `dtype`.
+
+    Streams tensor by tensor: memory stays at about one tensor, whatever the file size.
+    """
+    src_path, dst_path = Path(src_path), Path(dst_path)
+    if dst_path.exists() and dst_path.resolve() == src_path.resolve():
+        raise CheckpointError(f"output {dst_path} is the input file; choose another output name")
+    src, prefix, config = _open_flag_dit(src_path)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in FlagDiT(config).state_dict().items()}
+    _check_keys(src_path, expected, (k[len(prefix):] for k in src.keys if k.startswith(prefix)))
+    total = len(expected)
+
+    def tensors():
+        for i, key in enumerate(expected):
+            yield key, src.get(prefix + key)
+            if progress is not None:
+                progress(i + 1, total)
+
+    _write_safetensors(
+        dst_path,
+        tensors(),
+        shapes={k: (s, dtype) for k, s in expected.items()},
+        metadata={"format": "pt", "model": "lumina-t2i-flag-dit", "converted_from": src_path.name},
+    )
+    return config

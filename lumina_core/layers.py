@@ -1,0 +1,99 @@
+"""Stateless maths and the two small norm layers of the Flag-DiT.
+
+Follows Lumina-T2I (`lumina_t2i/models/model.py`, `components.py`): the original runs in bf16 under autocast, where
+LayerNorm and RoPE are computed in fp32 and RMSNorm normalises in fp32 before casting back. The norms here do the
+same explicitly, so the model behaves identically with or without autocast and with ComfyUI's casting layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight.to(device=x.device, dtype=x.dtype)
+
+
+class FP32LayerNorm(nn.Module):
+    """Affine LayerNorm evaluated in fp32 whatever the storage dtype (as autocast does in the original)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(device=x.device, dtype=torch.float32)
+        b = self.bias.to(device=x.device, dtype=torch.float32)
+        return F.layer_norm(x.float(), w.shape, w, b, self.eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of raw t in [0, 1] (no x1000), cos half first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_cos_sin(
+    seq_len: int,
+    head_dim: int,
+    *,
+    theta: float = 10000.0,
+    ntk_factor: float = 1.0,
+    scaling_factor: float = 1.0,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [seq_len, head_dim/2] of 1-D RoPE over the flattened sequence, computed for the length at hand.
+
+    NTK scaling multiplies theta; linear position scaling divides the positions (both as in the original).
+    """
+    exponents = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
+    inv_freq = 1.0 / ((theta * ntk_factor) ** exponents)
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32) / scaling_factor
+    angles = torch.outer(positions, inv_freq).float()
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2k, 2k+1) of x [B, L, heads, head_dim] in fp32; returns fp32.
+
+    This is the complex product (x_2k + i x_2k+1) * e^(i p f_k) written in real arithmetic, which keeps the op
+    graph free of complex tensors (torch.compile friendly).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = xf[..., 0], xf[..., 1]
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return out.flatten(-2)
+
+
+def proportional_attention_scale(seq_len: int, head_dim: int, base_seqlen: int) -> float:
+    """Softmax scale sqrt(log_base(L) / head_dim): equals 1/sqrt(head_dim) when L == base_seqlen."""
+    return math.sqrt(math.log(seq_len, base_seqlen) / head_dim)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, kv_heads, L, D] -> [B, kv_heads*n_rep, L, D]; kv head j serves query heads j*n_rep .. (j+1)*n_rep-1."""
+    if n_rep == 1:
+        return x
+    b, h, l, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)
