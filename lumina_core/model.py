@@ -323,3 +323,25 @@ class FlagDiT(nn.Module):
             tokens = layer(tokens, c_vec, cos, sin, scale, text_k, text_v, text.text_mask)
         out = self.unpatchify(self.final_layer(tokens, c_vec), h, w)
         return out[:, : cfg.in_channels].to(out_dtype)
+
+
+@torch.no_grad()
+def init_random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every parameter with seeded random values of a sensible scale (smoke tests and tiny test models).
+
+    Unlike the training initialisation, nothing is left at zero (adaLN, the final layer and the text gates are
+    zero-initialised there), so every path of the model affects the output.
+    """
+    gen = torch.Generator("cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        if param.ndim == 2:
+            value = noise / math.sqrt(param.shape[1])
+        elif name.endswith("norm.weight") or name.endswith("cap_embedder.0.weight"):
+            value = 1.0 + 0.1 * noise
+        elif name.endswith("attention.gate"):
+            value = noise
+        else:
+            value = 0.1 * noise
+        param.copy_(value.to(param.dtype))
+    return model

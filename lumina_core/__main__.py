@@ -1,0 +1,61 @@
+"""Command line: `python -m lumina_core convert IN OUT --dtype bf16` and `python -m lumina_core demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _convert(args) -> int:
+    from .checkpoint import DTYPES, CheckpointError, convert_checkpoint
+
+    start = time.perf_counter()
+
+    def progress(done, total):
+        if done == total or done % 50 == 0:
+            sys.stderr.write(f"\r{done}/{total} tensors")
+            sys.stderr.flush()
+
+    try:
+        config = convert_checkpoint(args.input, args.output, dtype=DTYPES[args.dtype], progress=progress)
+    except CheckpointError as err:
+        sys.stderr.write(f"\nerror: {err}\n")
+        return 2
+    sys.stderr.write("\n")
+    print(
+        f"wrote {args.output} ({args.dtype}): Flag-DiT dim {config.dim}, {config.n_layers} layers, "
+        f"{config.n_heads} heads, in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lumina_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser(
+        "convert",
+        help="rewrite a Flag-DiT checkpoint (safetensors or .pth) as a smaller safetensors file",
+        description="Streams tensor by tensor, so it needs little memory whatever the file size.",
+    )
+    conv.add_argument("input", help="e.g. consolidated.00-of-01.safetensors (the fp32 release)")
+    conv.add_argument("output", help="e.g. ComfyUI/models/diffusion_models/lumina_t2i_5b_bf16.safetensors")
+    conv.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    conv.set_defaults(func=_convert)
+
+    try:
+        from .demo import add_demo_parser
+    except ImportError:
+        add_demo_parser = None
+    if add_demo_parser is not None:
+        add_demo_parser(sub)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
