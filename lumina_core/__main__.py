@@ -45,12 +45,9 @@ def main(argv=None) -> int:
     conv.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     conv.set_defaults(func=_convert)
 
-    try:
-        from .demo import add_demo_parser
-    except ImportError:
-        add_demo_parser = None
-    if add_demo_parser is not None:
-        add_demo_parser(sub)
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,27 +1,24 @@
 """Reading, checking, writing and converting Flag-DiT checkpoints.
 
-The released Lumina-T2I file is one 20.2 GB fp32 safetensors file. It is read memory-mapped, tensor by tensor, each
-tensor cast to the target dtype as it is read, into a model built on the meta device (`assign=True`), so loading
-needs about one copy of the weights in the target dtype. Pickled checkpoints are read only with
+The released Lumina-T2I file is one 20.2 GB fp32 safetensors file. It is read tensor by tensor, each tensor cast to
+the target dtype as it is read, into a model built on the meta device (`assign=True`), so loading needs about one
+copy of the weights in the target dtype. Pickled checkpoints are read only with
 `torch.load(weights_only=True)`: a pickle can otherwise run code.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import pickle
 import re
-import struct
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from .config import FlagDiTConfig
 from .model import FlagDiT
+from .tensor_io import WeightsFileError, open_tensor_file, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -34,99 +31,14 @@ DTYPES = {
     "fp16": torch.float16,
     "fp32": torch.float32,
 }
-_ST_DTYPE_NAMES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsFileError):
     """A checkpoint that cannot be used, with what was found and what to do instead."""
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Reading tensors without unpickling code
-
-
-class _TensorSource:
-    """Uniform, lazy access to the tensors of a safetensors or (weights-only) pickled checkpoint."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._st = None
-        self._sd = None
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                self._st = safe_open(str(path), framework="pt", device="cpu")
-                keys = list(self._st.keys())
-            except Exception as err:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(
-                    f"{path} could not be read as safetensors ({err}). The file is probably truncated or corrupted "
-                    f"(an interrupted download?): download it again."
-                ) from None
-            self.keys = keys
-        else:
-            self._sd = _load_pickle_weights_only(path)
-            self.keys = list(self._sd.keys())
-
-    def shape(self, key: str) -> tuple:
-        if self._st is not None:
-            return tuple(self._st.get_slice(key).get_shape())
-        return tuple(self._sd[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._st is not None:
-            try:
-                return self._st.get_tensor(key)
-            except Exception as err:
-                raise CheckpointError(
-                    f"{self.path}: tensor {key!r} could not be read ({err}); the file is probably truncated or "
-                    f"corrupted: download it again."
-                ) from None
-        return self._sd[key]
-
-    def metadata(self) -> dict:
-        if self._st is not None:
-            return self._st.metadata() or {}
-        return {}
-
-
-def _load_pickle_weights_only(path: Path) -> dict:
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            # Old (non-zip) serialisation cannot be memory-mapped; read it normally, still weights-only.
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refused to load {path}: it holds Python objects that would run code when unpickled, so it is not a "
-            f"plain weights file ({str(err).splitlines()[0]}). Use a .safetensors copy of the model from a source "
-            f"you trust."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} could not be read as a PyTorch checkpoint ({err}). The file is probably truncated or corrupted: "
-            f"download it again, or use a .safetensors copy."
-        ) from None
-    # Training checkpoints nest the weights one level down.
-    for wrapper in ("state_dict", "model", "module", "ema"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-                obj = obj[wrapper]
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no tensors (found {type(obj).__name__}); it is not a model checkpoint")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def _check_path(path) -> Path:
@@ -262,9 +174,9 @@ def _ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
 # Loading and saving
 
 
-def _open_flag_dit(path) -> tuple[_TensorSource, str, FlagDiTConfig]:
+def _open_flag_dit(path):
     path = _check_path(path)
-    src = _TensorSource(path)
+    src = open_tensor_file(path, CheckpointError)
     prefix = _find_prefix(src.keys)
     if prefix is None:
         foreign = _describe_foreign(src.keys)
@@ -347,47 +259,12 @@ def read_flag_dit_config(path) -> FlagDiTConfig:
 def save_flag_dit(model: FlagDiT, path, *, dtype: Optional[torch.dtype] = None):
     """Write a Flag-DiT as safetensors in the released key layout."""
     state = model.state_dict()
-    _write_safetensors(
+    write_safetensors(
         path,
         ((k, v if dtype is None else v.to(dtype)) for k, v in state.items()),
         shapes={k: (tuple(v.shape), dtype or v.dtype) for k, v in state.items()},
         metadata={"format": "pt", "model": "lumina-t2i-flag-dit"},
     )
-
-
-def _write_safetensors(path, tensors: Iterator, *, shapes: dict, metadata: dict):
-    """Stream tensors into a safetensors file one at a time (the header is computed from the shapes first).
-
-    The file is written beside its destination and renamed at the end, so an interrupted write never leaves a
-    half-written file under the final name.
-    """
-    path = Path(path)
-    header = {}
-    offset = 0
-    for key, (shape, dtype) in shapes.items():
-        if dtype not in _ST_DTYPE_NAMES:
-            raise CheckpointError(f"cannot store {key} of dtype {dtype} in safetensors here")
-        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        header[key] = {"dtype": _ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for key, tensor in tensors:
-                shape, dtype = shapes[key]
-                tensor = tensor.detach().to("cpu", dtype).contiguous()
-                if tuple(tensor.shape) != tuple(shape):
-                    raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} differs from the header {shape}")
-                f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def convert_checkpoint(
@@ -412,7 +289,7 @@ def convert_checkpoint(
             if progress is not None:
                 progress(i + 1, total)
 
-    _write_safetensors(
+    write_safetensors(
         dst_path,
         tensors(),
         shapes={k: (s, dtype) for k, s in expected.items()},
