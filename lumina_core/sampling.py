@@ -86,8 +86,9 @@ def extrapolation_kwargs(
 
     "t2i" (the Lumina-T2I demo's default): NTK factor = token count / trained token count, proportional attention
     with base (1024/16)^2 + 2*(1024/16) = 4224 (the eol tokens included).
-    "time_aware" (Lumina-Next): scale = sqrt(H*W)/1024; linear position scaling before the watershed, NTK after it;
-    proportional attention with base (1024/16)^2 = 4096.
+    "time_aware" (Lumina-Next): above the trained area, scale = sqrt(H*W)/1024, with linear position scaling
+    before the watershed (t < watershed: the noisy start) and NTK after it; at or below it no RoPE scaling (as
+    Lumina-Next, which scales only when extrapolating). Proportional attention with base (1024/16)^2 = 4096.
     "off": the plain model.
     """
     side = TRAINED_SIZE // (VAE_FACTOR * PATCH)  # 64 patches per side at the trained size
@@ -97,7 +98,7 @@ def extrapolation_kwargs(
         ntk = (latent_h // PATCH) * (latent_w // PATCH) / side**2
         return {"ntk_factor": ntk, "proportional_attn": True, "base_seqlen": side * side + 2 * side}
     if extrapolation == "time_aware":
-        scale = math.sqrt(latent_h * VAE_FACTOR * latent_w * VAE_FACTOR) / TRAINED_SIZE
+        scale = max(1.0, math.sqrt(latent_h * VAE_FACTOR * latent_w * VAE_FACTOR) / TRAINED_SIZE)
         kwargs = {"proportional_attn": True, "base_seqlen": side * side}
         if t < watershed:
             kwargs.update(rope_scaling_factor=scale, ntk_factor=1.0)

@@ -238,6 +238,9 @@ def test_time_aware_switches_from_linear_to_ntk_at_the_watershed():
     assert early == {"proportional_attn": True, "base_seqlen": 4096, "rope_scaling_factor": scale, "ntk_factor": 1.0}
     assert late == {"proportional_attn": True, "base_seqlen": 4096, "rope_scaling_factor": 1.0, "ntk_factor": scale}
     assert extrapolation_kwargs("off", 256, 128, 0.5) == {}
+    # At or below the trained area nothing is rescaled (only proportional attention stays on).
+    small = extrapolation_kwargs("time_aware", 64, 64, 0.1)
+    assert small["rope_scaling_factor"] == 1.0 and small["ntk_factor"] == 1.0
 
 
 def test_callback_sees_every_step_and_can_cancel():
