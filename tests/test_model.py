@@ -210,3 +210,15 @@ def test_text_width_mismatch_names_both_sides():
     feats, mask = random_text(1, 3, 2048)
     with pytest.raises(ValueError, match=r"2048.*32|cap_feat_dim"):
         model(torch.zeros(1, 4, 8, 8), torch.tensor([0.5]), feats, mask)
+
+
+@pytest.mark.parametrize("pixels", [(512, 4096), (2048, 2048)], ids=["4096x512", "2048x2048"])
+def test_extreme_sizes_run_with_rope_computed_on_the_fly(pixels):
+    model = make_tiny_flag_dit(seed=11)
+    h, w = pixels[0] // 8, pixels[1] // 8
+    feats, mask = random_text(1, 3, model.config.cap_feat_dim)
+    tokens = (h // 2) * (w // 2 + 1)
+    ntk = (h // 2) * (w // 2) / 64**2
+    out = model(torch.randn(1, 4, h, w), torch.tensor([0.5]), feats, mask, ntk_factor=ntk, proportional_attn=True,
+                base_seqlen=4224)
+    assert tokens > 4224 and out.shape == (1, 4, h, w) and torch.isfinite(out).all()
