@@ -39,8 +39,9 @@ class SamplingError(RuntimeError):
 def time_grid(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
     """Float32 grid of t from t0 to 1: t_i = i/steps, time-shifted t' = t / (t + s - s*t).
 
-    With denoise < 1 only the last part is kept, from index int(steps * (1 - denoise)) (the img2img rule of the
-    original), so the result has steps' + 1 points with steps' <= steps.
+    With denoise < 1 only the last part is kept, as the original img2img does: it drops the first
+    int(points * (1 - denoise)) of its `points` = steps + 1 grid points (at least one point stays, t = 1, which
+    means nothing left to do). The result has steps' + 1 points with steps' <= steps.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -51,7 +52,7 @@ def time_grid(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
     t = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
     t = t / (t + shift - shift * t)
     if denoise < 1.0:
-        t = t[int(steps * (1 - denoise)):]
+        t = t[min(steps, int((steps + 1) * (1 - denoise))):]
     return t
 
 

@@ -97,12 +97,12 @@ def test_time_grid_is_the_shift_formula():
     )
 
 
-def test_denoise_keeps_the_end_of_the_grid():
-    full = time_grid(30, 4.0)
-    for denoise in (0.6, 0.25, 1.0, 0.0):
-        start = int(30 * (1 - denoise))
-        assert torch.equal(time_grid(30, 4.0, denoise), full[start:])
-    assert len(time_grid(30, 4.0, 0.0)) == 1
+def test_denoise_keeps_the_end_of_the_grid_as_the_original_img2img():
+    # The original counts grid points (steps + 1) and drops the first int(points * (1 - strength)) of them.
+    for steps, denoise, start in [(30, 0.6, 12), (10, 0.05, 10), (3, 0.5, 2), (20, 0.35, 13), (30, 1.0, 0)]:
+        assert int((steps + 1) * (1 - denoise)) == start
+        assert torch.equal(time_grid(steps, 4.0, denoise), time_grid(steps, 4.0)[start:])
+    assert time_grid(30, 4.0, 0.0).tolist() == [1.0]  # nothing left to denoise
 
 
 @pytest.mark.parametrize(
@@ -191,11 +191,13 @@ def test_img2img_denoise_zero_returns_the_input_and_one_ignores_it():
     with_init = sample(model, noise, cond, None, denoise=1.0, init_latent=init, **kw)
     without = sample(model, noise, cond, None, denoise=1.0, **kw)
     assert torch.equal(with_init, without)
-    # Partial denoise starts from noise*(1-t0) + init*t0 at t0 = grid[int(N*(1-d))].
+    # Partial denoise starts from noise*(1-t0) + init*t0 at t0 = grid[int((N+1)*(1-d))].
     model.calls.clear()
     sample(model, noise, cond, None, denoise=0.6, init_latent=init, **kw)
     t0 = float(time_grid(10, 4.0)[4])
     assert len(model.calls) == 6 and float(model.calls[0]["t"][0]) == pytest.approx(t0)
+    # 1 step at denoise 0.5: the original drops int(2 * 0.5) = 1 of its 2 points, leaving only t = 1.
+    assert torch.equal(sample(model, noise, cond, None, steps=1, cfg=1.0, shift=1.0, denoise=0.5, init_latent=init), init)
 
 
 class Spy:
