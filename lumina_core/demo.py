@@ -162,7 +162,8 @@ def run_demo(args) -> int:
     latent_path = out_dir / "lumina_demo.latent"
     png_path = out_dir / "lumina_demo_preview.png"
     save_latent_file(latent_path, to_vae_space(latent))
-    write_png(png_path, latent_to_rgb(latent)[0])
+    # One latent cell is 8x8 pixels: enlarge the preview to the image size.
+    write_png(png_path, latent_to_rgb(latent)[0].repeat_interleave(8, 0).repeat_interleave(8, 1))
     stage("write outputs", start)
 
     _out(f"device {device}, dtype {str(dtype).replace('torch.', '')}, seed {args.seed}, cfg {args.cfg}, "
@@ -170,5 +171,5 @@ def run_demo(args) -> int:
     for name, seconds in timings:
         _out(f"  {name:<40s} {seconds:8.2f} s")
     _out(f"latent: {latent_path} (copy it into ComfyUI/input and use LoadLatent -> VAEDecode with the SDXL VAE)")
-    _out(f"preview: {png_path} ({width // 8}x{height // 8}, SDXL latent-to-RGB approximation)")
+    _out(f"preview: {png_path} ({width}x{height}, SDXL latent-to-RGB approximation, one colour per 8x8 cell)")
     return 0

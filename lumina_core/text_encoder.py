@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import struct
 import time
 import zipfile
 from collections.abc import Sequence
@@ -148,9 +149,10 @@ class LlamaTextEncoder:
     def tokenize(self, prompts: str | Sequence[str], *, max_tokens: int | None = None):
         """Token ids [B, L] (int64, right padded with 0) and mask [B, L] (bool, True on real tokens).
 
-        Each prompt becomes [BOS] + tokens + [EOS]; nothing is cut unless max_tokens is given. A longer prompt is
-        then cut to [BOS] + its first max_tokens - 2 tokens + [EOS], keeping the EOS the way the original's training
-        tokenizer (truncation to 128 with add_eos_token) did, and a warning says how many tokens were dropped.
+        Each prompt becomes [BOS] + tokens + [EOS]; nothing is cut unless max_tokens is given. A longer sequence is
+        then cut to its first max_tokens ids, EOS included in what is dropped, and a warning says how many tokens
+        were dropped. That is how Lumina-T2I's training cut captions (train.py: `tokenized_caption[:max_words]`,
+        max_words=128), so max_tokens=128 gives a long caption exactly the sequence the model was trained on.
         """
         prompts = _as_prompt_list(prompts)
         if max_tokens is not None and max_tokens < 2:
@@ -171,7 +173,7 @@ class LlamaTextEncoder:
                     max_tokens,
                     len(row) - max_tokens,
                 )
-                row = row[: max_tokens - 1] + [eos]
+                row = row[:max_tokens]
             rows.append(row)
 
         length = max(len(row) for row in rows)
@@ -419,15 +421,32 @@ def _read_weights(sources: dict[str, tuple[str, str]], dtype: torch.dtype, devic
         by_file.setdefault(path, []).append((name, key))
     state_dict = {}
     for path, entries in by_file.items():
-        if path.endswith(".bin"):
-            # One mapping per file: its pages stay mapped until the file's last tensor is copied, but they are
-            # clean file pages the kernel can drop, not a second copy in memory.
-            stored = _load_bin(path)
-            for name, key in entries:
-                state_dict[name] = _copy_as(stored.pop(key), dtype, device)
-            del stored
-            continue
-        for name, key in entries:
+        read = _read_bin_file if path.endswith(".bin") else _read_safetensors_file
+        read(path, entries, dtype, device, state_dict)
+    return state_dict
+
+
+def _read_bin_file(path: str, entries, dtype: torch.dtype, device: torch.device, state_dict: dict) -> None:
+    # One mapping per file: its pages stay mapped until the file's last tensor is copied, but they are clean file
+    # pages the kernel can drop under pressure, not a second copy in memory.
+    stored = _load_bin(path)
+    for name, key in entries:
+        state_dict[name] = _copy_as(stored.pop(key), dtype, device)
+
+
+def _read_safetensors_file(path: str, entries, dtype: torch.dtype, device: torch.device, state_dict: dict) -> None:
+    ranges = _safetensors_data_ranges(path)
+    if ranges:
+        entries = sorted(entries, key=lambda entry: ranges.get(entry[1], (0, 0))[0])  # file order: one pass
+    fd = os.open(path, os.O_RDONLY) if ranges and hasattr(os, "posix_fadvise") else None  # no fadvise on Windows
+    try:
+        for i, (name, key) in enumerate(entries):
+            # Ask the kernel to read this tensor and the next one ahead: page faults on the mapping alone read in
+            # small steps, and reading the next tensor overlaps the disk with this copy (13 GB from a cold cache
+            # loads 10-25% faster, about as fast as plain sequential reads of the same files).
+            for _, upcoming in entries[i : i + 2]:
+                if fd is not None and upcoming in ranges:
+                    os.posix_fadvise(fd, *ranges[upcoming], os.POSIX_FADV_WILLNEED)
             # A fresh safe_open per tensor: a handle keeps its whole file mapped, and pages touched through one
             # open handle would count as resident until it closes (a 10 GB shard on top of the copy).
             try:
@@ -435,7 +454,28 @@ def _read_weights(sources: dict[str, tuple[str, str]], dtype: torch.dtype, devic
                     state_dict[name] = _copy_as(f.get_tensor(key), dtype, device)
             except (SafetensorError, OSError) as err:
                 raise _refuse_file(path, err) from err
-    return state_dict
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _safetensors_data_ranges(path: str) -> dict[str, tuple[int, int]]:
+    """key -> (byte offset in the file, byte length), from the safetensors header; {} if it cannot be read.
+
+    Used only as a read-ahead hint (safe_open validated the file before), so any doubt means no hint.
+    """
+    try:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        data_start = 8 + header_size
+        return {
+            key: (data_start + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
+            for key, info in header.items()
+            if key != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return {}
 
 
 def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -6,7 +6,12 @@ LLaMA folder (config, tokenizer, weights), small enough to build, save and load 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, LlamaTokenizerFast
 
 from .checkpoint import save_flag_dit
 from .config import FlagDiTConfig
@@ -23,3 +28,85 @@ def write_tiny_flag_dit(path, seed: int = 0, **overrides) -> Path:
     path = Path(path)
     save_flag_dit(make_tiny_flag_dit(seed, **overrides), path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LLaMA
+
+# A few captions to train the tiny BPE on, so that ordinary prompt words split into several real sub-word pieces.
+_CORPUS = [
+    "a red cat sat on the mat",
+    "the blue dog ran in the park",
+    "a photo of an astronaut riding a horse on the moon",
+    "an old man portrayed as a retro superhero stands in the streets of new york city at night",
+    "a fluffy mouse holding a watermelon in a magical and colorful setting",
+    "a cute christmas mockup on an old wooden industrial desk table with bokeh lights",
+]
+TINY_VOCAB_SIZE = 160
+
+
+def make_tiny_tokenizer() -> LlamaTokenizerFast:
+    """A LLaMA-like tokenizer: BPE over "▁"-prefixed words (Metaspace), with <unk>=0, <s>=1, </s>=2."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_llama_config(hidden_size: int = 32, n_layers: int = 2) -> LlamaConfig:
+    """LLaMA-2's architecture (no GQA, SwiGLU, RMSNorm eps 1e-5, theta 10000), shrunk."""
+    n_heads = 4 if hidden_size % 4 == 0 else 2
+    return LlamaConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def make_tiny_llama_folder(
+    path,
+    *,
+    hidden_size: int = 32,
+    n_layers: int = 2,
+    causal_lm: bool = False,
+    seed: int = 0,
+    safetensors: bool = True,
+    max_shard_size: str | None = None,
+):
+    """Write a tiny LLaMA folder at `path` (created if needed) and return `path`.
+
+    causal_lm: save `LlamaForCausalLM` weights (keys `model.*` plus `lm_head.weight`, as meta-llama/Llama-2-7b-hf)
+        instead of a bare `LlamaModel`.
+    safetensors: `*.safetensors` through save_pretrained; otherwise one `pytorch_model.bin` written by torch.save,
+        the format older checkpoints were published in.
+    max_shard_size: passed to save_pretrained (e.g. "20KB") to get several shards plus an index json.
+    """
+    os.makedirs(path, exist_ok=True)
+    config = tiny_llama_config(hidden_size, n_layers)
+    torch.manual_seed(seed)
+    model = (LlamaForCausalLM if causal_lm else LlamaModel)(config).eval()
+    if safetensors:
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(path, **kwargs)
+    else:
+        config.save_pretrained(path)
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_tiny_llama_folder(path, **kwargs) -> Path:
+    """A tiny LLaMA-2-shaped Hugging Face folder whose hidden size (32) matches the tiny Flag-DiT's cap_feat_dim."""
+    return Path(make_tiny_llama_folder(path, **kwargs))

@@ -1,15 +1,13 @@
-"""Tiny Flag-DiT models for tests: built on the CPU, seeded, every parameter random."""
+"""Tiny Flag-DiT models and text for tests (the model builder lives in lumina_core.tiny, shared with the demo)."""
 
 import torch
 
-from lumina_core.config import FlagDiTConfig
-from lumina_core.model import FlagDiT, init_random_weights
+from lumina_core import tiny
+from lumina_core.model import FlagDiT
 
 
 def make_tiny_flag_dit(seed: int = 0, dtype=torch.float32, **overrides) -> FlagDiT:
-    model = FlagDiT(FlagDiTConfig.tiny(**overrides))
-    init_random_weights(model, seed)
-    return model.to(dtype).eval().requires_grad_(False)
+    return tiny.make_tiny_flag_dit(seed, **overrides).to(dtype)
 
 
 def random_text(batch, length, dim, seed=0, lengths=None):
