@@ -54,6 +54,13 @@ class SafetensorsFile:
         fix = "The file is probably truncated or corrupted (an interrupted download?): download it again."
         with open(path, "rb") as f:
             head = f.read(8)
+            if size == 0:
+                raise error(f"{path}: it is empty (0 bytes): the download or copy did not finish; get the file again")
+            if head.startswith(b"version "):
+                raise error(
+                    f"{path}: it is a Git LFS pointer, not the weights: run `git lfs pull` in its folder "
+                    f"(or download the file itself)"
+                )
             if len(head) < 8:
                 raise error(f"{bad} (only {size} bytes). {fix}")
             (n,) = struct.unpack("<Q", head)
@@ -90,7 +97,11 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple:
         return self._entries[key][1]
 
+    def offset(self, key: str) -> int:
+        return self._entries[key][2]
+
     def get(self, key: str) -> torch.Tensor:
+        """A fresh tensor (not a view of the file) with the stored dtype and shape."""
         dtype, shape, start, end = self._entries[key]
         buf = torch.empty(end - start, dtype=torch.uint8)
         with open(self.path, "rb", buffering=0) as f:

@@ -220,3 +220,28 @@ def test_saved_metadata_is_plain_json(tmp_path):
     n = struct.unpack("<Q", path.read_bytes()[:8])[0]
     header = json.loads(path.read_bytes()[8:8 + n])
     assert header["__metadata__"]["format"] == "pt"
+
+
+def test_positioned_reader_returns_what_safetensors_itself_reads(tmp_path):
+    from lumina_core.tensor_io import SafetensorsFile
+
+    state = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).view(2, 3),
+        "d": torch.randn(2, 2).half(),
+    }
+    path = _write(tmp_path, "mixed.safetensors", state)
+    reader = SafetensorsFile(path)
+    with safe_open(str(path), "pt") as f:
+        assert sorted(reader.keys) == sorted(f.keys())
+        for key in f.keys():
+            got = reader.get(key)
+            assert got.dtype == f.get_tensor(key).dtype and torch.equal(got, f.get_tensor(key))
+
+
+def test_git_lfs_pointer_is_named(tmp_path):
+    path = tmp_path / "lumina.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 20186648288\n")
+    with pytest.raises(CheckpointError, match="Git LFS pointer.*git lfs pull"):
+        load_flag_dit(path)

@@ -247,22 +247,6 @@ def test_check_cap_feat_dim():
         check_cap_feat_dim(2048, 4096, encoder_name="gemma-2b", dit_name="lumina_t2i.safetensors")
 
 
-def test_read_ahead_ranges_locate_each_tensors_bytes(folders):
-    """The byte ranges used as read-ahead hints are where safetensors itself finds each tensor."""
-    from safetensors import safe_open
-
-    path = os.path.join(folders["model"], "model.safetensors")
-    ranges = te._safetensors_data_ranges(path)
-    data = open(path, "rb").read()
-    with safe_open(path, framework="pt") as f:
-        assert sorted(ranges) == sorted(f.keys())
-        for key, (offset, length) in ranges.items():
-            assert data[offset : offset + length] == f.get_tensor(key).contiguous().view(torch.uint8).numpy().tobytes()
-
-
-# --- errors ------------------------------------------------------------------------------------------------------
-
-
 def test_missing_folder(tmp_path):
     with pytest.raises(TextEncoderError, match=r"nowhere does not exist.*Llama-2-7b-hf"):
         LlamaTextEncoder.from_folder(tmp_path / "nowhere")
@@ -321,7 +305,7 @@ def test_truncated_safetensors(folders, tmp_path):
     folder = copy_folder(folders["model"], tmp_path / "truncated")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(TextEncoderError, match=r"model.safetensors: it is corrupted or truncated"):
+    with pytest.raises(TextEncoderError, match=r"model[.]safetensors is truncated: .* Download it again"):
         LlamaTextEncoder.from_folder(folder)
 
 
