@@ -1,0 +1,23 @@
+"""The ComfyUI nodes of ComfyUI-Lumina (classic node API). Display names are defined here and nowhere else.
+
+Importing this package does not need ComfyUI: the nodes then run on plain Python (see `comfy_glue`).
+"""
+
+from .latent import LuminaEmptyLatent
+from .loaders import LuminaFlagDiTLoader, LuminaLlamaLoader
+from .sampling import LuminaSampler, LuminaSigmas
+from .text import LuminaTextEncode
+
+_NODES = (
+    (LuminaLlamaLoader, "Lumina Load LLaMA Text Encoder"),
+    (LuminaFlagDiTLoader, "Lumina Load Flag-DiT"),
+    (LuminaTextEncode, "Lumina Text Encode"),
+    (LuminaSampler, "Lumina Sampler"),
+    (LuminaSigmas, "Lumina Sigmas"),
+    (LuminaEmptyLatent, "Lumina Empty Latent"),
+)
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: name for cls, name in _NODES}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,131 @@
+"""Plain-Python checks and conversions shared by the nodes: CONDITIONING in and out, LATENT and image sizes.
+
+Every refusal says what was received and what to connect or which values to use instead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lumina_core.latent import LATENT_CHANNELS
+
+# Conditioning made by Lumina Text Encode carries this key (value True) next to its attention mask.
+LUMINA_MARKER = "lumina_t2i_llama"
+TEXT_ENCODER_TYPE = "LUMINA_TEXT_ENCODER"
+
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+PIXEL_MULTIPLE = 16  # patch size 2 x VAE factor 8
+VAE_FACTOR = 8
+MAX_SIZE = 8192
+
+RESOLUTION_PRESETS = ("1024x1024", "512x2048", "2048x512", "1664x1664", "2048x1024", "1024x2048")
+CUSTOM = "custom"
+
+_TEXT_NODE = "a Lumina Text Encode node (fed by Lumina Load LLaMA Text Encoder)"
+# Feature widths of text encoders people wire in by mistake.
+_KNOWN_WIDTHS = {
+    768: "SD1.x CLIP (CLIP Text Encode)",
+    1024: "SD2.x CLIP (CLIP Text Encode)",
+    1280: "SDXL refiner CLIP (CLIP Text Encode)",
+    2048: "SDXL CLIP (CLIP Text Encode)",
+    2304: "Gemma-2B (Lumina 2 / Lumina-Next)",
+    4096: "T5-XXL (SD3/Flux) or another 4096-wide encoder",
+}
+
+
+def make_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
+    """Standard ComfyUI CONDITIONING: [[features [B,L,D], {"attention_mask": [B,L] bool, marker}]]."""
+    return [[features, {"attention_mask": mask.bool(), LUMINA_MARKER: True}]]
+
+
+def text_from_conditioning(conditioning, cap_feat_dim: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, mask) of a Lumina conditioning, refusing anything else with a message naming the fix."""
+    if not conditioning:
+        raise ValueError(f"The {which} conditioning is empty: connect {_TEXT_NODE}.")
+    if len(conditioning) > 1:
+        raise ValueError(
+            f"The {which} conditioning holds {len(conditioning)} entries (combined or area conditioning); the Lumina "
+            f"Sampler takes one prompt per input. Connect a single Lumina Text Encode, or use KSampler for combined "
+            f"conditioning."
+        )
+    features, extras = conditioning[0][0], conditioning[0][1]
+    width = int(features.shape[-1]) if torch.is_tensor(features) and features.ndim == 3 else None
+    if not extras.get(LUMINA_MARKER):
+        guess = _KNOWN_WIDTHS.get(width, "another text encoder")
+        raise ValueError(
+            f"The {which} conditioning was not made by Lumina Text Encode: it holds {width}-wide features, which "
+            f"looks like {guess}. Lumina-T2I needs LLaMA-2-7B features: connect {_TEXT_NODE}."
+        )
+    if width != cap_feat_dim:
+        raise ValueError(
+            f"The {which} conditioning has {width}-wide features but this Flag-DiT expects {cap_feat_dim} "
+            f"(its cap_feat_dim). Load the text encoder the DiT was trained with (LLaMA-2-7B for Lumina-T2I)."
+        )
+    mask = extras.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(features.shape[:2], dtype=torch.bool)
+    if tuple(mask.shape) != tuple(features.shape[:2]):
+        raise ValueError(
+            f"The {which} conditioning has a mask of shape {tuple(mask.shape)} for features of shape "
+            f"{tuple(features.shape)} (changed by a node that does not know Lumina's mask, such as "
+            f"ConditioningConcat). Connect Lumina Text Encode directly."
+        )
+    return features, mask.bool()
+
+
+def nearest_multiples(pixels: int, multiple: int = PIXEL_MULTIPLE) -> tuple[int, int]:
+    """The valid sizes just below and just above `pixels` (equal when it is already valid)."""
+    low = max(multiple, pixels // multiple * multiple)
+    high = -(-pixels // multiple) * multiple
+    return low, max(high, multiple)
+
+
+def size_problem(width: int, height: int) -> Optional[str]:
+    """None for a valid image size, else a message listing the nearest valid sizes."""
+    problems = []
+    for name, value in (("width", width), ("height", height)):
+        if value < PIXEL_MULTIPLE or value > MAX_SIZE:
+            problems.append(f"{name} {value} is outside {PIXEL_MULTIPLE}..{MAX_SIZE}")
+        elif value % PIXEL_MULTIPLE:
+            low, high = nearest_multiples(value)
+            problems.append(f"{name} {value} is not a multiple of {PIXEL_MULTIPLE} (use {low} or {high})")
+    if not problems:
+        return None
+    return "Lumina-T2I image sizes must be multiples of 16 pixels: " + "; ".join(problems) + "."
+
+
+def check_latent(latent: dict) -> torch.Tensor:
+    """The raw SDXL-VAE samples [B,4,h,w] of a LATENT whose size the Flag-DiT can take, or a ValueError."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not torch.is_tensor(samples) or samples.ndim != 4 or getattr(samples, "is_nested", False):
+        shape = tuple(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
+        raise ValueError(
+            f"The latent has shape {shape}; the Lumina Sampler needs an image latent [batch, 4, height/8, width/8] "
+            f"from Lumina Empty Latent or VAE Encode (SDXL VAE)."
+        )
+    channels = samples.shape[1]
+    if channels != LATENT_CHANNELS:
+        raise ValueError(
+            f"The latent has {channels} channels; Lumina-T2I works on 4-channel SDXL-VAE latents. Use Lumina Empty "
+            f"Latent, or VAE Encode with the SDXL VAE (sdxl_vae.safetensors)."
+        )
+    h, w = samples.shape[-2] * VAE_FACTOR, samples.shape[-1] * VAE_FACTOR
+    problem = size_problem(w, h)
+    if problem:
+        raise ValueError(f"The latent is for a {w}x{h} image. {problem} Resize the image or use Lumina Empty Latent.")
+    if "noise_mask" in latent:
+        raise ValueError(
+            "The latent carries a noise mask (inpainting); the Lumina Sampler does not inpaint. Use KSampler with the "
+            "Lumina MODEL for masked latents."
+        )
+    return samples
+
+
+def resolution_size(resolution: str, width: int, height: int) -> tuple[int, int]:
+    """(width, height) in pixels of a preset name "WxH", or the custom width and height."""
+    if resolution == CUSTOM:
+        return int(width), int(height)
+    w, h = resolution.split("x")
+    return int(w), int(h)

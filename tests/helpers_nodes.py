@@ -1,0 +1,242 @@
+"""Helpers for the node and workflow tests: a tiny models tree under the README's file names, the ComfyUI core node
+types the example workflows use (their sockets and widgets, as ComfyUI 0.33's /object_info declares them), and a
+UI-workflow -> API-prompt conversion driven by /object_info-style node descriptions.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `nodes` is imported as a top-level package by the tests
+    sys.path.insert(0, str(REPO))
+
+WORKFLOWS = REPO / "workflows"
+
+# File names the README tells users to use.
+DIT_NAME = "lumina_t2i_5b_bf16.safetensors"
+LLAMA_NAME = "Llama-2-7b-hf"
+VAE_NAME = "sdxl_vae.safetensors"
+
+TINY_HIDDEN = 32  # tiny LLaMA hidden size = tiny Flag-DiT cap_feat_dim
+
+# UI-only node types that never reach the server.
+FRONTEND_ONLY = {"MarkdownNote": 1, "Note": 1}  # type -> widget count
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+# ComfyUI core node types used by the example workflows, in /object_info form (facts read from ComfyUI 0.33).
+# "widgets_count" is the length of widgets_values the frontend saves (LoadImage saves its upload button too).
+CORE_NODES = {
+    "VAELoader": {
+        "input": {"required": {"vae_name": [[VAE_NAME]]}},
+        "output": ["VAE"],
+        "widgets_count": 1,
+    },
+    "VAEDecode": {
+        "input": {"required": {"samples": ["LATENT"], "vae": ["VAE"]}},
+        "output": ["IMAGE"],
+        "widgets_count": 0,
+    },
+    "VAEEncode": {
+        "input": {"required": {"pixels": ["IMAGE"], "vae": ["VAE"]}},
+        "output": ["LATENT"],
+        "widgets_count": 0,
+    },
+    "SaveImage": {
+        "input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+        "output": [],
+        "widgets_count": 1,
+    },
+    "LoadImage": {
+        "input": {"required": {"image": [["example.png"], {"image_upload": True}]}},
+        "output": ["IMAGE", "MASK"],
+        "widgets_count": 2,
+    },
+    "ImageScale": {
+        "input": {
+            "required": {
+                "image": ["IMAGE"],
+                "upscale_method": [["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]],
+                "width": ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}],
+                "height": ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}],
+                "crop": [["disabled", "center"]],
+            }
+        },
+        "output": ["IMAGE"],
+        "widgets_count": 4,
+    },
+    "CFGGuider": {
+        "input": {
+            "required": {
+                "model": ["MODEL"],
+                "positive": ["CONDITIONING"],
+                "negative": ["CONDITIONING"],
+                "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1}],
+            }
+        },
+        "output": ["GUIDER"],
+        "widgets_count": 1,
+    },
+    "BasicGuider": {
+        "input": {"required": {"model": ["MODEL"], "conditioning": ["CONDITIONING"]}},
+        "output": ["GUIDER"],
+        "widgets_count": 0,
+    },
+    "KSamplerSelect": {
+        "input": {"required": {"sampler_name": [["euler", "euler_ancestral", "heun", "dpmpp_2m", "lms"]]}},
+        "output": ["SAMPLER"],
+        "widgets_count": 1,
+    },
+    "RandomNoise": {
+        "input": {
+            "required": {"noise_seed": ["INT", {"default": 0, "min": 0, "max": _U64, "control_after_generate": True}]}
+        },
+        "output": ["NOISE"],
+        "widgets_count": 2,
+    },
+    "SamplerCustomAdvanced": {
+        "input": {
+            "required": {
+                "noise": ["NOISE"],
+                "guider": ["GUIDER"],
+                "sampler": ["SAMPLER"],
+                "sigmas": ["SIGMAS"],
+                "latent_image": ["LATENT"],
+            }
+        },
+        "output": ["LATENT", "LATENT"],
+        "widgets_count": 0,
+    },
+}
+
+
+def pack_object_info() -> dict:
+    """/object_info-style descriptions of this pack's nodes, from their INPUT_TYPES."""
+    from nodes import NODE_CLASS_MAPPINGS
+
+    info = {}
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        info[name] = {
+            "input": inputs,
+            "input_order": {k: list(v) for k, v in inputs.items()},
+            "output": list(cls.RETURN_TYPES),
+        }
+    return info
+
+
+def _spec(info: dict, name: str):
+    for section in ("required", "optional"):
+        spec = info.get("input", {}).get(section, {}).get(name)
+        if spec is not None:
+            return spec
+    return None
+
+
+def input_names(info: dict) -> list[str]:
+    order = info.get("input_order") or {k: list(v) for k, v in info.get("input", {}).items()}
+    return list(order.get("required", [])) + list(order.get("optional", []))
+
+
+def widget_inputs(info: dict) -> list[tuple[str, list, dict, bool]]:
+    """(name, type, options, has_control_value) of each widget input, in widgets_values order."""
+    out = []
+    for name in input_names(info):
+        spec = _spec(info, name)
+        if not spec:
+            continue
+        typ = spec[0]
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if opts.get("forceInput") or not (isinstance(typ, list) or typ in WIDGET_TYPES):
+            continue
+        control = bool(opts.get("control_after_generate"))
+        out.append((name, typ, opts, control))
+    return out
+
+
+def socket_inputs(info: dict) -> list[tuple[str, str]]:
+    """(name, type) of the inputs that take a link."""
+    widgets = {w[0] for w in widget_inputs(info)}
+    return [(n, _spec(info, n)[0]) for n in input_names(info) if n not in widgets and _spec(info, n)]
+
+
+def widget_values(node: dict, info: dict) -> dict:
+    """The widget values of a UI node by input name (control_after_generate values skipped)."""
+    values, wv, i = {}, node.get("widgets_values") or [], 0
+    for name, _typ, _opts, control in widget_inputs(info):
+        if i >= len(wv):
+            break
+        values[name] = wv[i]
+        i += 1
+        if control and i < len(wv) and wv[i] in CONTROL_VALUES:
+            i += 1
+    return values
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """An API prompt ({id: {class_type, inputs}}) from a UI workflow without subgraphs, reroutes or bypassed nodes."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        info = object_info[node["type"]]
+        inputs = widget_values(node, info)
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is not None:
+                _id, origin, slot, *_ = links[inp["link"]]
+                inputs[inp["name"]] = [str(origin), slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def load_workflows() -> dict[str, dict]:
+    import json
+
+    return {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(WORKFLOWS.glob("*.json"))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny models under the README names
+
+
+def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0) -> dict:
+    """models/diffusion_models/<DIT_NAME> (a tiny Flag-DiT in the released key layout) and
+    models/text_encoders/<LLAMA_NAME>/ (a tiny LLaMA folder) under `root`; returns their paths."""
+    from lumina_core.tiny import make_tiny_llama_folder, write_tiny_flag_dit
+
+    root = Path(root)
+    dit_dir, te_dir = root / "diffusion_models", root / "text_encoders"
+    dit_dir.mkdir(parents=True, exist_ok=True)
+    te_dir.mkdir(parents=True, exist_ok=True)
+    dit_path = write_tiny_flag_dit(dit_dir / DIT_NAME, seed, cap_feat_dim=hidden_size)
+    llama = make_tiny_llama_folder(te_dir / LLAMA_NAME, hidden_size=hidden_size, seed=seed)
+    return {"root": root, "dit": dit_path, "llama": Path(llama)}
+
+
+# Run by ComfyUI's own python: a random SDXL-shaped VAE built with ComfyUI's AutoencoderKL (the class its VAE
+# loader builds for this key layout), every parameter seeded, saved under the README name.
+VAE_SCRIPT = r"""
+import math, sys, torch
+from safetensors.torch import save_file
+import comfy.cli_args
+comfy.cli_args.args.cpu = True  # before comfy.model_management looks for a GPU
+from comfy.ldm.models.autoencoder import AutoencoderKL
+ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+            "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+gen = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for name, p in vae.named_parameters():
+        if p.ndim > 1:
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
+        elif name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, sys.argv[1])
+"""

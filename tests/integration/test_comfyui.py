@@ -1,0 +1,441 @@
+"""The pack inside a real ComfyUI server (CPU), driven through its HTTP API on tiny models the test writes.
+
+Skipped unless COMFYUI_DIR names a ComfyUI checkout (the folder holding main.py) and COMFYUI_PYTHON the python of
+an environment that runs it, e.g.
+
+    COMFYUI_DIR=/tmp/ComfyUI COMFYUI_PYTHON=/tmp/comfy_venv/bin/python python -m pytest tests/integration -v
+
+One server serves the whole module: every workflow in workflows/ runs at a small size, ComfyUI's samplers are
+checked against the Lumina Sampler, and a re-queued prompt must reuse the loaded models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.helpers_nodes import (  # noqa: E402
+    DIT_NAME,
+    LLAMA_NAME,
+    REPO,
+    VAE_NAME,
+    VAE_SCRIPT,
+    load_workflows,
+    make_tiny_models,
+    ui_to_api,
+)
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
+
+pytestmark = pytest.mark.skipif(
+    not (COMFYUI_DIR and COMFYUI_PYTHON and os.path.isfile(os.path.join(COMFYUI_DIR, "main.py"))),
+    reason="set COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (its python) to run the ComfyUI integration tests",
+)
+
+PACK_NODES = {
+    "LuminaLlamaLoader": "Lumina Load LLaMA Text Encoder",
+    "LuminaFlagDiTLoader": "Lumina Load Flag-DiT",
+    "LuminaTextEncode": "Lumina Text Encode",
+    "LuminaSampler": "Lumina Sampler",
+    "LuminaSigmas": "Lumina Sigmas",
+    "LuminaEmptyLatent": "Lumina Empty Latent",
+}
+DIT_LOAD_LINE = "Loaded Lumina-T2I Flag-DiT"
+LLAMA_LOAD_LINE = "Loaded LLaMA text encoder"
+INPUT_IMAGE = "lumina_test.png"
+STEPS = 3
+
+INPUT_SCRIPT = r"""
+import sys
+from PIL import Image
+Image.new("RGB", (96, 80), (200, 120, 40)).save(sys.argv[1])
+"""
+
+
+class Server:
+    """A ComfyUI server started for the tests, with the pack linked into custom_nodes and a tiny models tree."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.proc = None
+
+    def start(self, timeout=300):
+        cmd = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base),
+               "--database-url", "sqlite:///:memory:"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.25)
+        raise TimeoutError(f"ComfyUI not ready after {timeout} s:\n{self.log_text()[-4000:]}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+        self.log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "replace")
+
+    def get(self, path, timeout=60):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path, payload):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else None)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def queue(self, prompt: dict) -> str:
+        status, resp = self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+        assert status == 200 and "prompt_id" in resp, f"prompt rejected ({status}): {json.dumps(resp)[:3000]}"
+        return resp["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout=600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"ComfyUI died:\n{self.log_text()[-4000:]}"
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry:
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def run(self, prompt: dict, timeout=600) -> dict:
+        """Queue, wait, and fail with ComfyUI's error message unless the prompt succeeded."""
+        entry = self.wait(self.queue(prompt), timeout)
+        status = entry.get("status", {})
+        if status.get("status_str") != "success":
+            errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+            detail = errors[0] if errors else status
+            if errors:
+                detail = f"{detail.get('exception_type')}: {detail.get('exception_message')}\n" + "".join(
+                    detail.get("traceback") or []
+                )
+            pytest.fail(f"prompt failed: {detail}")
+        return entry
+
+    def output_files(self, entry: dict, key: str) -> list[Path]:
+        files = []
+        for ui in entry.get("outputs", {}).values():
+            for item in ui.get(key, []):
+                files.append(self.base / item.get("type", "output") / item.get("subfolder", "") / item["filename"])
+        return files
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("custom_nodes", "input", "output", "temp", "user"):
+        (base / sub).mkdir()
+    models = base / "models"
+    make_tiny_models(models)
+    (models / "vae").mkdir()
+    for script, target in ((VAE_SCRIPT, models / "vae" / VAE_NAME), (INPUT_SCRIPT, base / "input" / INPUT_IMAGE)):
+        subprocess.run([COMFYUI_PYTHON, "-c", script, str(target)], cwd=COMFYUI_DIR, check=True)
+    os.symlink(REPO, base / "custom_nodes" / "ComfyUI-Lumina")
+    srv = Server(base)
+    srv.start()
+    srv.object_info = srv.get("/object_info", timeout=120)
+    yield srv
+    srv.stop()
+    shutil.rmtree(base / "output", ignore_errors=True)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def load_latent(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    data = load_file(str(path))
+    assert "latent_format_version_0" in data  # ComfyUI's .latent format: raw latents, no 0.18215 rescale
+    return data["latent_tensor"].float()
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_nodes_registered_without_import_errors(server):
+    log = server.log_text()
+    assert "IMPORT FAILED" not in log, log[-4000:]
+    assert not re.search(r"Cannot import .*ComfyUI-Lumina", log)
+    for node_id, display in PACK_NODES.items():
+        info = server.object_info.get(node_id)
+        assert info is not None, f"{node_id} is not registered"
+        assert info["display_name"] == display
+        assert info["category"].startswith("Lumina/")
+    assert server.object_info["LuminaFlagDiTLoader"]["input"]["required"]["dit_name"][0] == [DIT_NAME]
+    assert server.object_info["LuminaLlamaLoader"]["input"]["required"]["llama_folder"][0] == [LLAMA_NAME]
+
+
+def _small(prompt: dict, width: int, height: int) -> dict:
+    """The same prompt at a small size and few steps (the --set overrides of a quick CPU run)."""
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LuminaEmptyLatent":
+            inputs.update(resolution="custom", width=width, height=height)
+        elif kind in ("LuminaSampler", "LuminaSigmas"):
+            inputs["steps"] = STEPS
+        elif kind == "ImageScale":
+            inputs.update(width=width, height=height)
+        elif kind == "LoadImage":
+            inputs["image"] = INPUT_IMAGE
+    return prompt
+
+
+WORKFLOW_NAMES = sorted(p.name for p in (REPO / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflow_runs(server, name):
+    workflow = load_workflows()[name]
+    prompt = ui_to_api(workflow, server.object_info)
+    # Keep the aspect ratio of the workflow's preset, at 1/16 of its size.
+    width, height = 64, 64
+    for node in prompt.values():
+        if node["class_type"] == "LuminaEmptyLatent" and node["inputs"]["resolution"] != "custom":
+            w, h = (int(v) for v in node["inputs"]["resolution"].split("x"))
+            width, height = w // 16, h // 16
+    batch = max([n["inputs"].get("batch_size", 1) for n in prompt.values() if n["class_type"] == "LuminaEmptyLatent"]
+                or [1])
+    entry = server.run(_small(prompt, width, height))
+    images = server.output_files(entry, "images")
+    assert len(images) == batch
+    for path in images:
+        assert path.is_file() and path.stat().st_size > 0
+        assert png_size(path) == (width, height)
+
+
+def _text_nodes(prompt: dict, positive: str, negative: str):
+    prompt.update({
+        "te": {"class_type": "LuminaLlamaLoader", "inputs": {"llama_folder": LLAMA_NAME, "dtype": "fp32"}},
+        "dit": {"class_type": "LuminaFlagDiTLoader", "inputs": {"dit_name": DIT_NAME, "weight_dtype": "fp32"}},
+        "pos": {"class_type": "LuminaTextEncode", "inputs": {"text_encoder": ["te", 0], "text": positive}},
+        "neg": {"class_type": "LuminaTextEncode", "inputs": {"text_encoder": ["te", 0], "text": negative}},
+        "lat": {"class_type": "LuminaEmptyLatent",
+                "inputs": {"resolution": "custom", "width": 64, "height": 48, "batch_size": 2}},
+    })
+    return prompt
+
+
+def _save(prompt: dict, key: str, source: list):
+    prompt[f"save_{key}"] = {"class_type": "SaveLatent", "inputs": {"samples": source, "filename_prefix": f"mix/{key}"}}
+
+
+def test_comfy_samplers_match_lumina_sampler(server):
+    """SamplerCustomAdvanced (euler, CFGGuider, Lumina Sigmas) = Lumina Sampler (euler, guidance "all"); the prompt
+    and the negative have different token counts, so ComfyUI batches them through the padded conds. KSampler and the
+    SD3/AuraFlow patch nodes accept the MODEL."""
+    seed, steps, cfg, shift = 7, 4, 4.0, 4.0
+    prompt = _text_nodes({}, "a photo of an astronaut riding a horse on the moon", "")
+    prompt["lumina"] = {"class_type": "LuminaSampler", "inputs": {
+        "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
+        "seed": seed, "steps": steps, "cfg": cfg, "solver": "euler", "shift": shift, "denoise": 1.0,
+        "extrapolation": "t2i", "guidance": "all"}}
+    prompt.update({
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "guider": {"class_type": "CFGGuider",
+                   "inputs": {"model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": cfg}},
+        "euler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sigmas": {"class_type": "LuminaSigmas", "inputs": {"steps": steps, "shift": shift, "denoise": 1.0}},
+        "custom": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["euler", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["lat", 0]}},
+        "aura": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["dit", 0], "shift": shift}},
+        "sd3": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["dit", 0], "shift": shift}},
+    })
+    for key, model in (("ksampler", "dit"), ("ksampler_aura", "aura"), ("ksampler_sd3", "sd3")):
+        prompt[key] = {"class_type": "KSampler", "inputs": {
+            "model": [model, 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+            "denoise": 1.0}}
+    for key in ("lumina", "custom", "ksampler", "ksampler_aura", "ksampler_sd3"):
+        _save(prompt, key, [key, 0])
+    entry = server.run(prompt)
+    latents = {}
+    for path in server.output_files(entry, "latents"):
+        latents[re.sub(r"_\d+_\.latent$", "", path.name)] = load_latent(path)
+    lumina, custom = latents["lumina"], latents["custom"]
+    assert lumina.shape == (2, 4, 6, 8)
+    assert torch.isfinite(lumina).all() and lumina.abs().max() > 0
+    assert relative_difference(custom, lumina) < 1e-4
+    ks = latents["ksampler"]
+    assert ks.shape == lumina.shape and torch.isfinite(ks).all()
+    # ModelSamplingSD3 multiplies sigma by 1000 before the network; the MODEL must undo exactly that.
+    assert relative_difference(latents["ksampler_sd3"], latents["ksampler_aura"]) < 1e-5
+    assert relative_difference(latents["ksampler_aura"], ks) < 1e-5
+
+
+def _load_counts(server) -> tuple[int, int]:
+    log = server.log_text()
+    return log.count(DIT_LOAD_LINE), log.count(LLAMA_LOAD_LINE)
+
+
+def test_requeue_with_new_seed_reuses_models_and_prompts(server):
+    prompt = _small(ui_to_api(load_workflows()["lumina_t2i_basic.json"], server.object_info), 64, 64)
+    server.run(prompt)
+    loads = _load_counts(server)
+    assert loads[0] >= 1 and loads[1] >= 1
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "LuminaSampler")
+    prompt[sampler]["inputs"]["seed"] += 1
+    entry = server.run(prompt)
+    assert _load_counts(server) == loads
+    cached = set()
+    for kind, data in entry["status"]["messages"]:
+        if kind == "execution_cached":
+            cached.update(data["nodes"])
+    reused = {k for k, n in prompt.items() if n["class_type"] in
+              ("LuminaLlamaLoader", "LuminaFlagDiTLoader", "LuminaTextEncode", "VAELoader")}
+    assert reused <= cached
+    assert sampler not in cached
+
+
+# Run by ComfyUI's python, with the pack's folder first on sys.path: the MODEL's internals checked directly.
+MODEL_SCRIPT = r"""
+import sys, torch
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+sys.path.insert(0, sys.argv[1])
+from nodes import comfy_glue
+from lumina_core.checkpoint import load_flag_dit
+from lumina_core.sampling import extrapolation_kwargs
+
+# Texts of different lengths batch by zero padding (mask False), never by repeating tokens.
+a = comfy_glue.LuminaTextCond(torch.ones(2, 3, 4))
+b = comfy_glue.LuminaTextCond(torch.full((2, 5, 4), 2.0))
+assert a.can_concat(b) and b.can_concat(a)
+cat = a.concat([b])
+assert cat.shape == (4, 5, 4) and cat[:2, 3:].abs().sum() == 0 and torch.equal(cat[:2, :3], a.cond)
+
+# ComfyUI's denoised = x - sigma * output must be the Lumina data estimate x + (1 - t) * v, t = 1 - sigma.
+patcher = comfy_glue.load_flag_dit_model(sys.argv[2], "fp32")
+base = patcher.model
+plain = load_flag_dit(sys.argv[2], dtype=torch.float32)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 4, 6, 8, generator=g)
+sigma = torch.tensor([0.8, 0.8])
+feats = torch.randn(2, 7, plain.config.cap_feat_dim, generator=g)
+mask = torch.ones(2, 7, dtype=torch.bool)
+mask[1, 4:] = False
+conds = base.extra_conds(cross_attn=feats, attention_mask=mask, lumina_t2i_llama=True, prompt_type="positive")
+assert set(conds) >= {"c_crossattn", "attention_mask"}
+denoised = base.apply_model(x, sigma, c_crossattn=conds["c_crossattn"].cond,
+                            attention_mask=conds["attention_mask"].cond)
+t = 1 - sigma
+v = plain(x, t, feats, mask, **extrapolation_kwargs("t2i", 6, 8, 0.2))
+expected = x + (1 - t).view(-1, 1, 1, 1) * v
+err = float((denoised - expected).abs().max())
+assert err < 1e-5, err
+assert base.model_sampling.shift == 4.0 and base.model_sampling.multiplier == 1.0
+assert type(base.latent_format).__name__ == "SDXL" and base.model_type.name == "FLOW"
+
+# SDXL CLIP conditioning (2048 wide, no Lumina marker) is refused with what to connect.
+try:
+    base.extra_conds(cross_attn=torch.zeros(1, 77, 2048), prompt_type="negative")
+except ValueError as e:
+    assert "SDXL CLIP" in str(e) and "Lumina Text Encode" in str(e), e
+else:
+    raise AssertionError("SDXL conditioning accepted")
+print("MODEL OK")
+"""
+
+
+def test_model_internals_in_comfyui(server):
+    dit = server.base / "models" / "diffusion_models" / DIT_NAME
+    result = subprocess.run([COMFYUI_PYTHON, "-c", MODEL_SCRIPT, str(REPO), str(dit)], cwd=COMFYUI_DIR,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "MODEL OK" in result.stdout, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def test_sampler_refuses_wrong_latent_size_with_nearest_sizes(server):
+    prompt = _text_nodes({}, "a red cat", "")
+    prompt["bad"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 72, "height": 64, "batch_size": 1}}
+    prompt["lumina"] = {"class_type": "LuminaSampler", "inputs": {
+        "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["bad", 0],
+        "seed": 0, "steps": 2, "cfg": 4.0, "solver": "euler", "shift": 4.0, "denoise": 1.0,
+        "extrapolation": "t2i", "guidance": "faithful"}}
+    _save(prompt, "bad", ["lumina", 0])
+    entry = server.wait(server.queue(prompt))
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "LuminaSampler"
+    assert "width 72 is not a multiple of 16 (use 64 or 80)" in errors[0]["exception_message"]
+
+
+def test_empty_latent_validation_names_nearest_sizes(server):
+    prompt = {"lat": {"class_type": "LuminaEmptyLatent",
+                      "inputs": {"resolution": "custom", "width": 1000, "height": 1024, "batch_size": 1}}}
+    _save(prompt, "x", ["lat", 0])
+    status, resp = server.post("/prompt", {"prompt": prompt})
+    assert status == 400
+    assert "use 992 or 1008" in json.dumps(resp)
+
+
+def test_interrupt_stops_the_lumina_sampler(server):
+    prompt = _text_nodes({}, "a blue dog", "")
+    prompt["lumina"] = {"class_type": "LuminaSampler", "inputs": {
+        "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
+        "seed": 3, "steps": 10000, "cfg": 4.0, "solver": "euler", "shift": 4.0, "denoise": 1.0,
+        "extrapolation": "t2i", "guidance": "faithful"}}
+    _save(prompt, "long", ["lumina", 0])
+    prompt_id = server.queue(prompt)
+    deadline = time.monotonic() + 120
+    while not server.get("/queue").get("queue_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0)  # well into the 10000 steps
+    start = time.monotonic()
+    server.post("/interrupt", {})
+    entry = server.wait(prompt_id, timeout=120)
+    interrupted = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"]
+    assert interrupted and interrupted[0]["node_type"] == "LuminaSampler", entry["status"]["messages"]
+    assert time.monotonic() - start < 30

@@ -1,0 +1,229 @@
+"""The example workflows in workflows/: UI-format JSON that ComfyUI loads by drag and drop, naming only this pack's
+nodes and a fixed list of ComfyUI core nodes, with consistent links and widget values inside the declared limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers_nodes import (
+    CONTROL_VALUES,
+    CORE_NODES,
+    DIT_NAME,
+    FRONTEND_ONLY,
+    LLAMA_NAME,
+    VAE_NAME,
+    load_workflows,
+    pack_object_info,
+    socket_inputs,
+    ui_to_api,
+    widget_inputs,
+    widget_values,
+)
+
+from nodes import NODE_CLASS_MAPPINGS
+
+WORKFLOWS = load_workflows()
+PACK = pack_object_info()
+KNOWN = {**CORE_NODES, **PACK}
+# Combo inputs listing model files: the workflows must use the README's names.
+MODEL_FILES = {("LuminaFlagDiTLoader", "dit_name"): DIT_NAME, ("LuminaLlamaLoader", "llama_folder"): LLAMA_NAME,
+               ("VAELoader", "vae_name"): VAE_NAME}
+
+
+def _nodes(wf, type_=None):
+    return [n for n in wf["nodes"] if type_ is None or n["type"] == type_]
+
+
+def _by_id(wf):
+    return {n["id"]: n for n in wf["nodes"]}
+
+
+def _links(wf):
+    return {l[0]: l for l in wf["links"]}
+
+
+def _source(wf, node, input_name):
+    """The node feeding `input_name` of `node`."""
+    inp = next(i for i in node["inputs"] if i["name"] == input_name)
+    return _by_id(wf)[_links(wf)[inp["link"]][1]]
+
+
+def _widgets_count(type_):
+    if type_ in FRONTEND_ONLY:
+        return FRONTEND_ONLY[type_]
+    if "widgets_count" in KNOWN[type_]:
+        return KNOWN[type_]["widgets_count"]
+    return sum(2 if control else 1 for *_, control in widget_inputs(KNOWN[type_]))
+
+
+def test_there_are_workflows():
+    assert len(WORKFLOWS) >= 5
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_ui_format_and_known_node_types(name):
+    wf = WORKFLOWS[name]
+    assert wf["version"] == 0.4 and isinstance(wf["nodes"], list) and isinstance(wf["links"], list)
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids)) and wf["last_node_id"] >= max(ids)
+    link_ids = [l[0] for l in wf["links"]]
+    assert len(link_ids) == len(set(link_ids)) and wf["last_link_id"] >= max(link_ids)
+    for node in wf["nodes"]:
+        assert node["type"] in KNOWN or node["type"] in FRONTEND_ONLY, f"unknown node type {node['type']}"
+        assert node.get("mode", 0) == 0, "no muted or bypassed nodes in the examples"
+        assert {"pos", "size", "inputs", "outputs", "widgets_values", "order"} <= set(node)
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_links_are_consistent(name):
+    wf = WORKFLOWS[name]
+    nodes = _by_id(wf)
+    for link_id, origin, out_slot, target, in_slot, type_ in wf["links"]:
+        out = nodes[origin]["outputs"][out_slot]
+        inp = nodes[target]["inputs"][in_slot]
+        assert out["type"] == type_ == inp["type"], f"link {link_id}: {out['type']} -> {inp['type']} as {type_}"
+        assert link_id in (out["links"] or []) and inp["link"] == link_id
+        info = KNOWN[nodes[target]["type"]]
+        assert dict(socket_inputs(info))[inp["name"]] == type_
+        assert KNOWN[nodes[origin]["type"]]["output"][out_slot] == type_
+    links = _links(wf)
+    for node in wf["nodes"]:
+        for out in node["outputs"]:
+            for link_id in out["links"] or []:
+                assert links[link_id][1] == node["id"]
+        for inp in node["inputs"]:
+            assert inp["link"] is None or links[inp["link"]][3] == node["id"]
+        if node["type"] in KNOWN:  # every socket input is connected (none is optional in these nodes)
+            connected = {i["name"] for i in node["inputs"] if i["link"] is not None}
+            assert connected == {n for n, _ in socket_inputs(KNOWN[node["type"]])}, node["type"]
+
+
+def _check_value(where, kind, opts, value):
+    if isinstance(kind, list) or kind == "COMBO":
+        options = kind if isinstance(kind, list) else opts["options"]
+        assert value in options, f"{where}: {value!r} not in {options}"
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), where
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+    elif kind == "STRING":
+        assert isinstance(value, str), where
+    if kind in ("INT", "FLOAT"):
+        assert opts.get("min", value) <= value <= opts.get("max", value), f"{where}: {value} outside limits"
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_widget_values_within_declared_limits(name):
+    for node in WORKFLOWS[name]["nodes"]:
+        type_ = node["type"]
+        assert len(node["widgets_values"]) == _widgets_count(type_), f"{name}: {type_} widget count"
+        if type_ in FRONTEND_ONLY:
+            continue
+        info = KNOWN[type_]
+        values = widget_values(node, info)
+        wv, i = node["widgets_values"], 0
+        for input_name, kind, opts, control in widget_inputs(info):
+            where = f"{name}: {type_}.{input_name}"
+            value = values[input_name]
+            if (type_, input_name) in MODEL_FILES:
+                assert value == MODEL_FILES[(type_, input_name)], where
+            else:
+                _check_value(where, kind, opts, value)
+            i += 1
+            if control:
+                assert wv[i] in CONTROL_VALUES, where
+                i += 1
+        validate = getattr(NODE_CLASS_MAPPINGS.get(type_), "VALIDATE_INPUTS", None)
+        if validate:
+            assert validate(**{k: values[k] for k in ("resolution", "width", "height") if k in values}) is True
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_converts_to_a_complete_api_prompt(name):
+    prompt = ui_to_api(WORKFLOWS[name], KNOWN)
+    for node_id, node in prompt.items():
+        info = KNOWN[node["class_type"]]
+        declared = {n for n, _ in socket_inputs(info)} | {w[0] for w in widget_inputs(info)}
+        assert set(node["inputs"]) == declared, f"{name}: node {node_id} ({node['class_type']})"
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert value[0] in prompt
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_samplers_take_lumina_text_and_models(name):
+    wf = WORKFLOWS[name]
+    for node in _nodes(wf, "LuminaSampler") + _nodes(wf, "CFGGuider"):
+        assert _source(wf, node, "model")["type"] == "LuminaFlagDiTLoader"
+        for which in ("positive", "negative"):
+            encode = _source(wf, node, which)
+            assert encode["type"] == "LuminaTextEncode"
+            assert _source(wf, encode, "text_encoder")["type"] == "LuminaLlamaLoader"
+    for node in _nodes(wf, "VAEDecode") + _nodes(wf, "VAEEncode"):
+        assert _source(wf, node, "vae")["type"] == "VAELoader"
+    assert _nodes(wf, "SaveImage"), "every example saves its images"
+
+
+def _sampler_values(wf):
+    return [widget_values(n, PACK["LuminaSampler"]) for n in _nodes(wf, "LuminaSampler")]
+
+
+def _latent_values(wf):
+    return [widget_values(n, PACK["LuminaEmptyLatent"]) for n in _nodes(wf, "LuminaEmptyLatent")]
+
+
+def _scenario(predicate):
+    return [name for name, wf in WORKFLOWS.items() if predicate(wf)]
+
+
+def test_basic_text_to_image_1024():
+    assert _scenario(lambda wf: any(v["resolution"] == "1024x1024" and v["batch_size"] == 1 for v in _latent_values(wf))
+                     and any(v["denoise"] == 1.0 for v in _sampler_values(wf)))
+
+
+def test_negative_prompt_and_batch_of_four():
+    def negative_text(wf):
+        return [widget_values(_source(wf, s, "negative"), PACK["LuminaTextEncode"])["text"]
+                for s in _nodes(wf, "LuminaSampler")]
+
+    assert _scenario(lambda wf: any(v["batch_size"] == 4 for v in _latent_values(wf))
+                     and any(t.strip() for t in negative_text(wf)))
+
+
+def test_img2img_from_a_loaded_image_at_denoise_06():
+    def img2img(wf):
+        for sampler in _nodes(wf, "LuminaSampler"):
+            encode = _source(wf, sampler, "latent_image")
+            if encode["type"] != "VAEEncode" or widget_values(sampler, PACK["LuminaSampler"])["denoise"] != 0.6:
+                continue
+            node = _source(wf, encode, "pixels")
+            while node["type"] != "LoadImage" and node["inputs"]:
+                node = _source(wf, node, node["inputs"][0]["name"])
+            if node["type"] == "LoadImage":
+                return True
+        return False
+
+    assert _scenario(img2img)
+
+
+def test_2048x1024_with_extrapolation():
+    assert _scenario(lambda wf: any(v["resolution"] == "2048x1024" for v in _latent_values(wf))
+                     and all(v["extrapolation"] != "off" for v in _sampler_values(wf)))
+
+
+def test_comfy_custom_sampler_with_lumina_sigmas():
+    def custom(wf):
+        for adv in _nodes(wf, "SamplerCustomAdvanced"):
+            guider = _source(wf, adv, "guider")
+            sampler = _source(wf, adv, "sampler")
+            if (
+                _source(wf, adv, "sigmas")["type"] == "LuminaSigmas"
+                and _source(wf, adv, "noise")["type"] == "RandomNoise"
+                and sampler["type"] == "KSamplerSelect" and sampler["widgets_values"][0] == "euler"
+                and guider["type"] in ("CFGGuider", "BasicGuider")
+                and _source(wf, guider, "model")["type"] == "LuminaFlagDiTLoader"
+            ):
+                return True
+        return False
+
+    assert _scenario(custom)
