@@ -18,6 +18,7 @@ TEXT_ENCODER_TYPE = "LUMINA_TEXT_ENCODER"
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 PIXEL_MULTIPLE = 16  # patch size 2 x VAE factor 8
 VAE_FACTOR = 8
+MIN_SIZE = 32  # smaller images leave the Flag-DiT too few tokens to be of any use
 MAX_SIZE = 8192
 
 RESOLUTION_PRESETS = ("1024x1024", "512x2048", "2048x512", "1664x1664", "2048x1024", "1024x2048")
@@ -86,8 +87,10 @@ def size_problem(width: int, height: int) -> Optional[str]:
     """None for a valid image size, else a message listing the nearest valid sizes."""
     problems = []
     for name, value in (("width", width), ("height", height)):
-        if value < PIXEL_MULTIPLE or value > MAX_SIZE:
-            problems.append(f"{name} {value} is outside {PIXEL_MULTIPLE}..{MAX_SIZE}")
+        if value < MIN_SIZE:
+            problems.append(f"{name} {value} is below the minimum {MIN_SIZE} (use {MIN_SIZE})")
+        elif value > MAX_SIZE:
+            problems.append(f"{name} {value} is above the maximum {MAX_SIZE} (use {MAX_SIZE})")
         elif value % PIXEL_MULTIPLE:
             low, high = nearest_multiples(value)
             problems.append(f"{name} {value} is not a multiple of {PIXEL_MULTIPLE} (use {low} or {high})")

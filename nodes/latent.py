@@ -7,7 +7,7 @@ import torch
 from lumina_core.latent import LATENT_CHANNELS
 
 from . import comfy_glue
-from .common import CUSTOM, MAX_SIZE, PIXEL_MULTIPLE, RESOLUTION_PRESETS, VAE_FACTOR, resolution_size, size_problem
+from .common import CUSTOM, MAX_SIZE, MIN_SIZE, PIXEL_MULTIPLE, RESOLUTION_PRESETS, VAE_FACTOR, resolution_size, size_problem
 
 MAX_BATCH = 64
 
@@ -15,7 +15,7 @@ MAX_BATCH = 64
 class LuminaEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"default": 1024, "min": PIXEL_MULTIPLE, "max": MAX_SIZE, "step": PIXEL_MULTIPLE}
+        size = {"default": 1024, "min": MIN_SIZE, "max": MAX_SIZE, "step": PIXEL_MULTIPLE}
         return {
             "required": {
                 "resolution": (

@@ -338,7 +338,8 @@ def test_empty_latent_custom_size_and_validation():
     assert node.VALIDATE_INPUTS("1024x1024", 1000, 7) is True  # the custom size is not used
     message = node.VALIDATE_INPUTS("custom", 1000, 1024)
     assert isinstance(message, str) and "use 992 or 1008" in message
-    assert "outside" in node.VALIDATE_INPUTS("custom", 0, 1024)
+    assert "width 16 is below the minimum 32 (use 32)" in node.VALIDATE_INPUTS("custom", 16, 1024)
+    assert "height 9000 is above the maximum 8192" in node.VALIDATE_INPUTS("custom", 1024, 9000)
     assert "not one of" in node.VALIDATE_INPUTS("999x999", 1024, 1024)
     assert node.VALIDATE_INPUTS("custom", None, 1024) is True  # linked input: known only at run time
     with pytest.raises(ValueError, match="992 or 1008"):
