@@ -30,6 +30,7 @@ from .tensor_io import SafetensorsFile
 logger = logging.getLogger(__name__)
 
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
+TRAINED_TOKENS = 128  # caption length at training (train.py max_words)
 _GET_LLAMA = (
     f"Lumina-T2I needs the Hugging Face folder of LLaMA-2-7B ({LLAMA2_7B}): config.json, the tokenizer files "
     "and the weights, kept together in one folder."
@@ -166,6 +167,14 @@ class LlamaTextEncoder:
         rows = []
         for i, text_ids in enumerate(pieces):
             row = [bos, *text_ids, eos]
+            if max_tokens is None and len(row) > TRAINED_TOKENS:
+                logger.info(
+                    "Prompt %d has %d tokens; Lumina-T2I was trained on captions of up to %d. It is used whole "
+                    "(no truncation), as the original demo does.",
+                    i,
+                    len(row),
+                    TRAINED_TOKENS,
+                )
             if max_tokens is not None and len(row) > max_tokens:
                 logger.warning(
                     "Prompt %d has %d tokens (BOS and EOS included); truncated to max_tokens=%d, %d tokens dropped.",

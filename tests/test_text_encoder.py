@@ -133,11 +133,20 @@ def test_single_string_equals_list_of_one(encoder):
     torch.testing.assert_close(encoder.encode("a red cat")[0], encoder.encode(["a red cat"])[0], rtol=0, atol=0)
 
 
-def test_long_prompt_is_not_truncated_without_max_tokens(encoder):
+def test_long_prompt_is_not_truncated_without_max_tokens(encoder, caplog):
     prompt = " ".join(["cat"] * 2000)  # "▁cat" is one token
-    features, mask = encoder.encode(prompt)
+    with caplog.at_level(logging.INFO, logger=te.__name__):
+        features, mask = encoder.encode(prompt)
     assert features.shape == (1, 2002, encoder.hidden_size)
     assert bool(mask.all())
+    assert "has 2002 tokens" in caplog.text and "no truncation" in caplog.text
+
+
+def test_non_ascii_prompt_encodes(encoder):
+    ids, mask = encoder.tokenize("café crème, 東京の猫 🐱")
+    assert ids[0, 0] == encoder.tokenizer.bos_token_id and ids[0, -1] == encoder.tokenizer.eos_token_id
+    features, _ = encoder.encode("café crème, 東京の猫 🐱")
+    assert features.shape[1] == ids.shape[1] and torch.isfinite(features).all()
 
 
 def test_max_tokens_cuts_like_the_originals_training_and_warns(encoder, caplog):
