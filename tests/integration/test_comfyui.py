@@ -439,3 +439,10 @@ def test_interrupt_stops_the_lumina_sampler(server):
     interrupted = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"]
     assert interrupted and interrupted[0]["node_type"] == "LuminaSampler", entry["status"]["messages"]
     assert time.monotonic() - start < 30
+    # The next prompt runs normally, with the models loaded before the interrupt.
+    loads = _load_counts(server)
+    prompt["lumina"]["inputs"]["steps"] = 2
+    after = server.run(prompt)  # fails the test unless the prompt succeeds
+    latent = load_latent(server.output_files(after, "latents")[0])
+    assert latent.shape == (2, 4, 6, 8) and torch.isfinite(latent).all()
+    assert _load_counts(server) == loads
