@@ -207,7 +207,8 @@ class FlagDiT(nn.Module):
             raise ValueError(f"cap_mask shape {tuple(cap_mask.shape)} does not match features {tuple(cap_feats.shape)}")
         dtype = self.get_compute_dtype()
         mask = cap_mask.to(device=cap_feats.device, dtype=torch.bool)
-        if not bool(mask.any(dim=1).all()):
+        # A data-dependent check: skipped while torch.compile traces (it would break the graph), kept in eager mode.
+        if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
             raise ValueError("every prompt needs at least one real token in cap_mask (BOS and EOS count)")
         # Masked mean over the real tokens, in fp32.
         m = mask.unsqueeze(-1).float()

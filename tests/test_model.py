@@ -222,3 +222,17 @@ def test_extreme_sizes_run_with_rope_computed_on_the_fly(pixels):
     out = model(torch.randn(1, 4, h, w), torch.tensor([0.5]), feats, mask, ntk_factor=ntk, proportional_attn=True,
                 base_seqlen=4224)
     assert tokens > 4224 and out.shape == (1, 4, h, w) and torch.isfinite(out).all()
+
+
+def test_forward_traces_as_one_graph_for_torch_compile():
+    # backend="eager" runs dynamo's tracing only: fullgraph=True fails on any graph break.
+    torch._dynamo.reset()
+    model = make_tiny_flag_dit(seed=12)
+    feats, mask = random_text(2, 5, model.config.cap_feat_dim, lengths=[5, 3])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.7])
+    kwargs = dict(ntk_factor=2.0, proportional_attn=True, base_seqlen=20)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, t, feats, mask, **kwargs), model(x, t, feats, mask, **kwargs))
+    text = model.prepare_text(feats, mask)
+    step = torch.compile(model.forward_with_text, fullgraph=True, backend="eager")
+    torch.testing.assert_close(step(x, t, text, **kwargs), model.forward_with_text(x, t, text, **kwargs))
