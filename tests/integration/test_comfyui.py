@@ -446,3 +446,29 @@ def test_interrupt_stops_the_lumina_sampler(server):
     latent = load_latent(server.output_files(after, "latents")[0])
     assert latent.shape == (2, 4, 6, 8) and torch.isfinite(latent).all()
     assert _load_counts(server) == loads
+
+
+def test_demo_latent_loads_and_decodes_in_comfyui(server, tmp_path):
+    """The `.latent` file of `python -m lumina_core demo` goes through LoadLatent and VAEDecode unchanged."""
+    out = tmp_path / "demo"
+    subprocess.run(
+        [sys.executable, "-m", "lumina_core", "demo", "--out", str(out), "--width", "64", "--height", "48",
+         "--steps", "2"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    )
+    shutil.copy(out / "lumina_demo.latent", server.base / "input" / "lumina_demo.latent")
+    assert png_size(out / "lumina_demo_preview.png") == (64, 48)
+    prompt = {
+        "load": {"class_type": "LoadLatent", "inputs": {"latent": "lumina_demo.latent"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["load", 0], "vae": ["vae", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "demo/decoded"}},
+        "resave": {"class_type": "SaveLatent", "inputs": {"samples": ["load", 0], "filename_prefix": "demo/latent"}},
+    }
+    entry = server.run(prompt)
+    (image,) = server.output_files(entry, "images")
+    assert png_size(image) == (64, 48)
+    (latent,) = server.output_files(entry, "latents")
+    expected = load_latent(out / "lumina_demo.latent")
+    assert expected.shape == (1, 4, 6, 8)
+    torch.testing.assert_close(load_latent(latent), expected)  # read as raw VAE latents, no rescale
