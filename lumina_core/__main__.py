@@ -24,9 +24,9 @@ def _convert(args) -> int:
         sys.stderr.write(f"\nerror: {err}\n")
         return 2
     sys.stderr.write("\n")
-    print(
+    sys.stdout.write(
         f"wrote {args.output} ({args.dtype}): Flag-DiT dim {config.dim}, {config.n_layers} layers, "
-        f"{config.n_heads} heads, in {time.perf_counter() - start:.1f} s"
+        f"{config.n_heads} heads, in {time.perf_counter() - start:.1f} s\n"
     )
     return 0
 
