@@ -445,11 +445,17 @@ def _read_safetensors_file(path: str, entries, dtype: torch.dtype, device: torch
     # Positioned reads in file order, one tensor at a time (tensor_io explains why not a memory map).
     st = SafetensorsFile(Path(path), error=TextEncoderError)
     for name, key in sorted(entries, key=lambda entry: st.offset(entry[1])):
-        state_dict[name] = _copy_as(st.get(key), dtype, device)
+        state_dict[name] = _copy_as(st.get(key), dtype, device, True)  # owned: a fresh read buffer
 
 
-def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous copy in dtype on device, never a view into the file (which would keep it mapped)."""
+def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, owned: bool = False) -> torch.Tensor:
+    """The tensor in dtype on device, never a view into the file (which would keep it mapped).
+
+    owned: the tensor is already a private buffer (read, not mapped), so no copy is needed when it has the target
+    dtype and device.
+    """
+    if owned:
+        return tensor.to(device=device, dtype=dtype)
     return torch.empty(tensor.shape, dtype=dtype, device=device).copy_(tensor)
 
 

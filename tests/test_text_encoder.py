@@ -15,7 +15,12 @@ from transformers import AutoTokenizer, LlamaModel
 
 from lumina_core import text_encoder as te
 from lumina_core.text_encoder import LlamaTextEncoder, TextEncoderError, check_cap_feat_dim
-from tests.helpers_llama import make_tiny_llama_folder, make_tiny_tokenizer, tiny_llama_config
+from tests.helpers_llama import (
+    llama2_hf_config_json,
+    make_tiny_llama_folder,
+    make_tiny_tokenizer,
+    tiny_llama_config,
+)
 
 BOS, EOS = 1, 2
 PROMPTS = [
@@ -199,28 +204,13 @@ def test_llama2_style_config_json_loads(folders, tmp_path):
     """config.json as meta-llama/Llama-2-7b-hf publishes it (transformers 4.31 keys), shrunk."""
     folder = copy_folder(folders["causal_sharded"], tmp_path / "llama2_style")
     config = tiny_llama_config()
-    legacy = {
-        "architectures": ["LlamaForCausalLM"],
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "hidden_act": "silu",
-        "hidden_size": config.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": config.intermediate_size,
-        "max_position_embeddings": 4096,
-        "model_type": "llama",
-        "num_attention_heads": config.num_attention_heads,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_key_value_heads": config.num_key_value_heads,
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float16",
-        "transformers_version": "4.31.0.dev0",
-        "use_cache": True,
-        "vocab_size": config.vocab_size,
-    }
+    legacy = llama2_hf_config_json(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_hidden_layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+    )
     (folder / "config.json").write_text(json.dumps(legacy))
     encoder = LlamaTextEncoder.from_folder(folder, dtype=torch.float32)
     ids, _ = encoder.tokenize(PROMPTS)

@@ -102,29 +102,12 @@ def write_checkpoint(folder: str, shape: dict, shard_bytes: int) -> int:
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-    config = {  # the keys of meta-llama/Llama-2-7b-hf's config.json (written by transformers 4.31)
-        "architectures": ["LlamaForCausalLM"],
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "max_position_embeddings": 4096,
-        "model_type": "llama",
-        "num_key_value_heads": shape["num_attention_heads"],
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float16",
-        "transformers_version": "4.31.0.dev0",
-        "use_cache": True,
-        **shape,
-    }
+    sys.path.insert(0, REPO_ROOT)
+    from tests.helpers_llama import llama2_hf_config_json, make_tiny_tokenizer
+
+    config = llama2_hf_config_json(**shape)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-
-    sys.path.insert(0, REPO_ROOT)
-    from tests.helpers_llama import make_tiny_tokenizer
 
     make_tiny_tokenizer().save_pretrained(folder)
     return total
