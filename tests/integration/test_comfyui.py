@@ -1,9 +1,8 @@
 """The pack inside a real ComfyUI server (CPU), driven through its HTTP API on tiny models the test writes.
 
-Skipped unless COMFYUI_DIR names a ComfyUI checkout (the folder holding main.py) and COMFYUI_PYTHON the python of
-an environment that runs it, e.g.
+Needs COMFYUI_DIR and COMFYUI_PYTHON (see `comfy_server`), e.g.
 
-    COMFYUI_DIR=/tmp/ComfyUI COMFYUI_PYTHON=/tmp/comfy_venv/bin/python python -m pytest tests/integration -v
+    eval "$(bash ../shared/comfyui/install_comfyui.sh /tmp/comfyui)"; python -m pytest tests/integration -v
 
 One server serves the whole module: every workflow in workflows/ runs at a small size, ComfyUI's samplers are
 checked against the Lumina Sampler, and a re-queued prompt must reuse the loaded models.
@@ -12,18 +11,11 @@ checked against the Lumina Sampler, and a re-queued prompt must reuse the loaded
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -31,24 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers_nodes import (  # noqa: E402
-    DIT_NAME,
-    LLAMA_NAME,
-    REPO,
-    VAE_NAME,
-    VAE_SCRIPT,
-    load_workflows,
-    make_tiny_models,
-    ui_to_api,
+from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, REPO, VAE_NAME, load_workflows, ui_to_api  # noqa: E402
+from tests.integration.comfy_server import (  # noqa: E402
+    COMFYUI_DIR,
+    COMFYUI_PYTHON,
+    INPUT_IMAGE,
+    load_latent,
+    png_size,
+    relative_difference,
+    requires_comfyui,
+    start_server,
 )
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
-
-pytestmark = pytest.mark.skipif(
-    not (COMFYUI_DIR and COMFYUI_PYTHON and os.path.isfile(os.path.join(COMFYUI_DIR, "main.py"))),
-    reason="set COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (its python) to run the ComfyUI integration tests",
-)
+pytestmark = requires_comfyui
 
 PACK_NODES = {
     "LuminaLlamaLoader": "Lumina Load LLaMA Text Encoder",
@@ -60,147 +47,15 @@ PACK_NODES = {
 }
 DIT_LOAD_LINE = "Loaded Lumina-T2I Flag-DiT"
 LLAMA_LOAD_LINE = "Loaded LLaMA text encoder"
-INPUT_IMAGE = "lumina_test.png"
 STEPS = 3
-
-INPUT_SCRIPT = r"""
-import sys
-from PIL import Image
-Image.new("RGB", (96, 80), (200, 120, 40)).save(sys.argv[1])
-"""
-
-
-class Server:
-    """A ComfyUI server started for the tests, with the pack linked into custom_nodes and a tiny models tree."""
-
-    def __init__(self, base: Path):
-        self.base = base
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = base / "server.log"
-        self.proc = None
-
-    def start(self, timeout=300):
-        cmd = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base),
-               "--database-url", "sqlite:///:memory:"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                self.get("/system_stats", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.25)
-        raise TimeoutError(f"ComfyUI not ready after {timeout} s:\n{self.log_text()[-4000:]}")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-        self.log.close()
-
-    def log_text(self) -> str:
-        return self.log_path.read_bytes().decode("utf-8", "replace")
-
-    def get(self, path, timeout=60):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def post(self, path, payload):
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else None)
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
-
-    def queue(self, prompt: dict) -> str:
-        status, resp = self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
-        assert status == 200 and "prompt_id" in resp, f"prompt rejected ({status}): {json.dumps(resp)[:3000]}"
-        return resp["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout=600) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"ComfyUI died:\n{self.log_text()[-4000:]}"
-            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry:
-                return entry
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
-
-    def run(self, prompt: dict, timeout=600) -> dict:
-        """Queue, wait, and fail with ComfyUI's error message unless the prompt succeeded."""
-        entry = self.wait(self.queue(prompt), timeout)
-        status = entry.get("status", {})
-        if status.get("status_str") != "success":
-            errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
-            detail = errors[0] if errors else status
-            if errors:
-                detail = f"{detail.get('exception_type')}: {detail.get('exception_message')}\n" + "".join(
-                    detail.get("traceback") or []
-                )
-            pytest.fail(f"prompt failed: {detail}")
-        return entry
-
-    def output_files(self, entry: dict, key: str) -> list[Path]:
-        files = []
-        for ui in entry.get("outputs", {}).values():
-            for item in ui.get(key, []):
-                files.append(self.base / item.get("type", "output") / item.get("subfolder", "") / item["filename"])
-        return files
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    for sub in ("custom_nodes", "input", "output", "temp", "user"):
-        (base / sub).mkdir()
-    models = base / "models"
-    make_tiny_models(models)
-    (models / "vae").mkdir()
-    for script, target in ((VAE_SCRIPT, models / "vae" / VAE_NAME), (INPUT_SCRIPT, base / "input" / INPUT_IMAGE)):
-        subprocess.run([COMFYUI_PYTHON, "-c", script, str(target)], cwd=COMFYUI_DIR, check=True)
-    os.symlink(REPO, base / "custom_nodes" / "ComfyUI-Lumina")
-    srv = Server(base)
-    srv.start()
-    srv.object_info = srv.get("/object_info", timeout=120)
+    srv = start_server(tmp_path_factory.mktemp("comfy_base"))
     yield srv
     srv.stop()
-    shutil.rmtree(base / "output", ignore_errors=True)
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", head[16:24])
-
-
-def load_latent(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    data = load_file(str(path))
-    assert "latent_format_version_0" in data  # ComfyUI's .latent format: raw latents, no 0.18215 rescale
-    return data["latent_tensor"].float()
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    shutil.rmtree(srv.base / "output", ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
