@@ -184,7 +184,10 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     for node in workflow["nodes"]:
         if node["type"] in FRONTEND_ONLY:
             continue
-        info = object_info[node["type"]]
+        info = object_info.get(node["type"])
+        if info is None:
+            raise KeyError(f"node {node['id']} has type {node['type']!r}, which ComfyUI does not know (a typo, or a "
+                           f"node of another pack)")
         inputs = widget_values(node, info)
         for inp in node.get("inputs") or []:
             if inp.get("link") is not None:

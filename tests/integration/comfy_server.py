@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -35,6 +36,10 @@ from tests.helpers_nodes import REPO, VAE_NAME, VAE_SCRIPT, make_tiny_models  # 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 INPUT_IMAGE = "lumina_test.png"
+PACK_DIR_NAME = "ComfyUI-Lumina"
+# ComfyUI logs "Cannot import <path> module for custom nodes: <error>" and "<s> seconds (IMPORT FAILED): <path>".
+PACK_IMPORT_FAILED = re.compile(rf"(Cannot import \S*{PACK_DIR_NAME}\b|IMPORT FAILED\): \S*{PACK_DIR_NAME}\b)")
+SMALL_STEPS = 3
 
 requires_comfyui = pytest.mark.skipif(
     not (COMFYUI_DIR or COMFYUI_PYTHON),
@@ -98,8 +103,7 @@ class Server:
         else:
             self.stop()
             pytest.fail(f"ComfyUI not ready after {timeout} s; server log tail:\n{self.log_tail()}", pytrace=False)
-        log = self.log_text()
-        if "IMPORT FAILED" in log and "ComfyUI-Lumina" in log:
+        if PACK_IMPORT_FAILED.search(self.log_text()):
             self.stop()
             pytest.fail(f"ComfyUI could not import the pack; server log tail:\n{self.log_tail()}", pytrace=False)
         self.object_info = self.get("/object_info", timeout=120)
@@ -189,7 +193,7 @@ def start_server(base: Path) -> Server:
                                 text=True)
         if result.returncode:
             pytest.fail(f"{COMFYUI_PYTHON} could not write {target.name}:\n{result.stderr[-3000:]}", pytrace=False)
-    os.symlink(REPO, base / "custom_nodes" / "ComfyUI-Lumina")
+    os.symlink(REPO, base / "custom_nodes" / PACK_DIR_NAME)
     server = Server(base)
     server.start()
     return server
@@ -212,3 +216,27 @@ def load_latent(path: Path) -> torch.Tensor:
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def preset_size(prompt: dict, default=(64, 64)) -> tuple[int, int]:
+    """A small (width, height) with the aspect ratio of the prompt's Lumina Empty Latent preset: 1/16 of it."""
+    for node in prompt.values():
+        if node["class_type"] == "LuminaEmptyLatent" and node["inputs"].get("resolution", "custom") != "custom":
+            w, h = (int(v) for v in node["inputs"]["resolution"].split("x"))
+            return w // 16, h // 16
+    return default
+
+
+def small_prompt(prompt: dict, width: int, height: int) -> dict:
+    """The same prompt at a small size and few steps (what a quick CPU run overrides), changed in place."""
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LuminaEmptyLatent":
+            inputs.update(resolution="custom", width=width, height=height)
+        elif kind == "ImageScale":
+            inputs.update(width=width, height=height)
+        elif kind == "LoadImage":
+            inputs["image"] = INPUT_IMAGE
+        if "steps" in inputs and not isinstance(inputs["steps"], list):
+            inputs["steps"] = SMALL_STEPS
+    return prompt

@@ -27,11 +27,12 @@ from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, REPO, VAE_NAME, load_workf
 from tests.integration.comfy_server import (  # noqa: E402
     COMFYUI_DIR,
     COMFYUI_PYTHON,
-    INPUT_IMAGE,
     load_latent,
     png_size,
+    preset_size,
     relative_difference,
     requires_comfyui,
+    small_prompt,
     start_server,
 )
 
@@ -47,7 +48,6 @@ PACK_NODES = {
 }
 DIT_LOAD_LINE = "Loaded Lumina-T2I Flag-DiT"
 LLAMA_LOAD_LINE = "Loaded LLaMA text encoder"
-STEPS = 3
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +74,6 @@ def test_nodes_registered_without_import_errors(server):
     assert server.object_info["LuminaLlamaLoader"]["input"]["required"]["llama_folder"][0] == [LLAMA_NAME]
 
 
-def _small(prompt: dict, width: int, height: int) -> dict:
-    """The same prompt at a small size and few steps (the --set overrides of a quick CPU run)."""
-    for node in prompt.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        if kind == "LuminaEmptyLatent":
-            inputs.update(resolution="custom", width=width, height=height)
-        elif kind in ("LuminaSampler", "LuminaSigmas"):
-            inputs["steps"] = STEPS
-        elif kind == "ImageScale":
-            inputs.update(width=width, height=height)
-        elif kind == "LoadImage":
-            inputs["image"] = INPUT_IMAGE
-    return prompt
-
-
 WORKFLOW_NAMES = sorted(p.name for p in (REPO / "workflows").glob("*.json"))
 
 
@@ -96,15 +81,10 @@ WORKFLOW_NAMES = sorted(p.name for p in (REPO / "workflows").glob("*.json"))
 def test_workflow_runs(server, name):
     workflow = load_workflows()[name]
     prompt = ui_to_api(workflow, server.object_info)
-    # Keep the aspect ratio of the workflow's preset, at 1/16 of its size.
-    width, height = 64, 64
-    for node in prompt.values():
-        if node["class_type"] == "LuminaEmptyLatent" and node["inputs"]["resolution"] != "custom":
-            w, h = (int(v) for v in node["inputs"]["resolution"].split("x"))
-            width, height = w // 16, h // 16
+    width, height = preset_size(prompt)
     batch = max([n["inputs"].get("batch_size", 1) for n in prompt.values() if n["class_type"] == "LuminaEmptyLatent"]
                 or [1])
-    entry = server.run(_small(prompt, width, height))
+    entry = server.run(small_prompt(prompt, width, height))
     images = server.output_files(entry, "images")
     assert len(images) == batch
     for path in images:
@@ -178,7 +158,7 @@ def _load_counts(server) -> tuple[int, int]:
 
 
 def test_requeue_with_new_seed_reuses_models_and_prompts(server):
-    prompt = _small(ui_to_api(load_workflows()["lumina_t2i_basic.json"], server.object_info), 64, 64)
+    prompt = small_prompt(ui_to_api(load_workflows()["lumina_t2i_basic.json"], server.object_info), 64, 64)
     server.run(prompt)
     loads = _load_counts(server)
     assert loads[0] >= 1 and loads[1] >= 1
