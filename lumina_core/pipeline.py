@@ -224,7 +224,7 @@ class LuminaT2IPipeline:
         self._device = torch.device(device)
         self._offload_device = None
         for model in self._models():
-            model.to(self._device)
+            model.to(device=self._device)
         return self
 
     def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device=None) -> None:
@@ -235,7 +235,7 @@ class LuminaT2IPipeline:
             device = f"cuda:{gpu_id or 0}" if torch.cuda.is_available() else "cpu"
         self._offload_device = torch.device(device)
         for model in self._models():
-            model.to("cpu")
+            model.to(device=torch.device("cpu"))
 
     @contextlib.contextmanager
     def _on_device(self, model):
@@ -243,11 +243,11 @@ class LuminaT2IPipeline:
         if self._offload_device is None or model is None:
             yield
             return
-        model.to(self._offload_device)
+        model.to(device=self._offload_device)
         try:
             yield
         finally:
-            model.to("cpu")
+            model.to(device=torch.device("cpu"))
             if self._offload_device.type == "cuda":
                 torch.cuda.empty_cache()
 

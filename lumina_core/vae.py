@@ -109,7 +109,7 @@ def load_sdxl_vae(path, *, dtype: torch.dtype = torch.float32, device="cpu"):
             folder = Path(tmp)
             (folder / "config.json").write_text(json.dumps(config))
         vae = AutoencoderKL.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=dtype)
-    vae = vae.to(device).eval().requires_grad_(False)
+    vae = vae.to(device=torch.device(device)).eval().requires_grad_(False)
     logger.info(
         "Loaded SDXL VAE from %s: widths %s, %s on %s in %.1f s",
         path,
