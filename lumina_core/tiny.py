@@ -155,12 +155,13 @@ def make_tiny_sdxl_vae(seed: int = 0, widths=TINY_VAE_WIDTHS):
     return vae.eval().requires_grad_(False)
 
 
-def write_tiny_sdxl_vae(path, seed: int = 0, *, ldm_layout: bool = True):
-    """Write make_tiny_sdxl_vae(seed) as one safetensors file, by default in the released sdxl_vae.safetensors key
-    layout (attention projections as 1x1 convolutions); returns (path, the diffusers model)."""
+def write_tiny_sdxl_vae(path, seed: int = 0, *, ldm_layout: bool = True, widths=TINY_VAE_WIDTHS):
+    """Write make_tiny_sdxl_vae(seed, widths) as one safetensors file, by default in the released
+    sdxl_vae.safetensors key layout (attention projections as 1x1 convolutions); returns (path, the diffusers model).
+    widths=(128, 256, 512, 512) gives the released shapes."""
     from safetensors.torch import save_file
 
-    vae = make_tiny_sdxl_vae(seed)
+    vae = make_tiny_sdxl_vae(seed, widths)
     levels = len(vae.config.block_out_channels)
     tensors = {}
     for key, value in vae.state_dict().items():
