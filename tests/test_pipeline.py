@@ -513,3 +513,27 @@ def test_demo_preview_png_is_the_latent_to_rgb_of_its_latent(tmp_path):
         pixels = np.asarray(image)
     # The latent file holds float32 raw latents (latent / 0.13025): allow one level for the round trip.
     assert np.abs(pixels.astype(int) - expected.numpy().astype(int)).max() <= 1
+
+
+def test_callback_on_step_end_sees_every_step_and_can_stop(pipe):
+    seen = []
+
+    def callback(p, step, t, kwargs):
+        assert p is pipe
+        seen.append((step, round(t, 6), tuple(kwargs["latents"].shape)))
+
+    out = _latent(pipe, seed=1, callback_on_step_end=callback, num_inference_steps=4)
+    from lumina_core.sampling import time_grid
+
+    grid = [round(float(t), 6) for t in time_grid(4, 4.0)[1:]]
+    assert seen == [(i, grid[i], (1, 4, H // 8, W // 8)) for i in range(4)]
+    assert out.shape == (1, 4, H // 8, W // 8)
+
+    class Stop(Exception):
+        pass
+
+    def stop(p, step, t, kwargs):
+        raise Stop(step)
+
+    with pytest.raises(Stop):
+        _latent(pipe, seed=1, callback_on_step_end=stop)
