@@ -11,6 +11,7 @@ widths and block count read from its tensor shapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -108,7 +109,11 @@ def load_sdxl_vae(path, *, dtype: torch.dtype = torch.float32, device="cpu"):
         if config != sdxl_vae_config():
             folder = Path(tmp)
             (folder / "config.json").write_text(json.dumps(config))
-        vae = AutoencoderKL.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=dtype)
+        # diffusers warns that "modules ... should be kept in float32: []" when from_single_file casts a model that
+        # keeps no module in float32 (the SDXL VAE): nothing to act on, so the warning is held back here.
+        with _quiet("diffusers.models.modeling_utils"):
+            vae = AutoencoderKL.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                 torch_dtype=dtype)
     vae = vae.to(device=torch.device(device)).eval().requires_grad_(False)
     logger.info(
         "Loaded SDXL VAE from %s: widths %s, %s on %s in %.1f s",
@@ -119,6 +124,17 @@ def load_sdxl_vae(path, *, dtype: torch.dtype = torch.float32, device="cpu"):
         time.perf_counter() - start,
     )
     return vae
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def decode(vae, raw_latents: torch.Tensor) -> torch.Tensor:
