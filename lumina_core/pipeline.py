@@ -191,6 +191,10 @@ class LuminaT2IPipeline:
     @property
     def vae(self):
         """diffusers' AutoencoderKL, loaded from the VAE file on first use (diffusers is imported only then)."""
+        return self.load_vae()
+
+    def load_vae(self):
+        """Load the VAE file now (else the first decode does), and return the VAE (None without a VAE file)."""
         if self._vae is None and self._vae_path is not None:
             self._vae = load_sdxl_vae(self._vae_path, dtype=self._vae_dtype, device=self._home_device)
         return self._vae
