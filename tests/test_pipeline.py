@@ -251,7 +251,7 @@ def test_torch_compile_of_the_transformer_runs_compiled_frames(files):
 
     torch._dynamo.reset()
     try:
-        pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend, fullgraph=True)
         out = _latent(pipe, seed=6)
     finally:
         torch._dynamo.reset()
