@@ -1,4 +1,5 @@
-"""Command line: `python -m lumina_core convert IN OUT --dtype bf16` and `python -m lumina_core demo`."""
+"""Command line: `python -m lumina_core convert IN OUT --dtype bf16`, `python -m lumina_core demo` and
+`python -m lumina_core generate --dit ... --llama ... --vae ... --prompt ... --out DIR`."""
 
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def main(argv=None) -> int:
     from .demo import add_demo_parser
 
     add_demo_parser(sub)
+
+    from .generate import add_generate_parser
+
+    add_generate_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

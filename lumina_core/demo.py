@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import struct
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -61,16 +59,10 @@ def add_demo_parser(sub):
 
 
 def write_png(path: Path, rgb: torch.Tensor):
-    """Write an [H, W, 3] uint8 tensor as a PNG (zlib only, no imaging library needed)."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + bytes(rgb[y].contiguous().view(-1).tolist()) for y in range(h))
+    """Write an [H, W, 3] uint8 tensor as an RGB PNG."""
+    from PIL import Image
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    Image.fromarray(rgb.contiguous().numpy()).save(path, format="PNG")
 
 
 def save_latent_file(path: Path, raw_latent: torch.Tensor):

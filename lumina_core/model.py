@@ -63,6 +63,10 @@ class Attention(nn.Module):
             self.ky_norm = FP32LayerNorm(kv_dim, device=device, dtype=dtype)
         else:
             self.q_norm = self.k_norm = self.ky_norm = nn.Identity()
+        # Attention slicing: None computes all queries at once; an int computes the attention in chunks of that
+        # many queries (each query's softmax is independent of the others, so the result is the same) to bound the
+        # memory of attention kernels that materialise the score matrix. Set through FlagDiT.set_attention_slicing.
+        self.query_chunk: Optional[int] = None
 
     def text_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the (already RMS-normed) text features: [B, n_kv_heads, L_text, head_dim]."""
@@ -83,14 +87,19 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin).to(dtype).transpose(1, 2)
         v = v.transpose(1, 2)
 
-        # Image tokens attend to each other (same-size batch: no padding, no mask).
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale=softmax_scale)
-        # The rotated queries attend to the unrotated text keys, default scale, gated per head by tanh(gate).
-        out_y = F.scaled_dot_product_attention(
-            q, repeat_kv(text_k, n_rep), repeat_kv(text_v, n_rep), attn_mask=text_mask
-        )
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        text_k, text_v = repeat_kv(text_k, n_rep), repeat_kv(text_v, n_rep)
         gate = self.gate.to(device=x.device, dtype=dtype).tanh().view(1, -1, 1, 1)
-        out = out + out_y * gate
+        chunk = self.query_chunk if self.query_chunk is not None and self.query_chunk < l else l
+        parts = []
+        for start in range(0, l, chunk):
+            qc = q[:, :, start : start + chunk]
+            # Image tokens attend to each other (same-size batch: no padding, no mask).
+            out = F.scaled_dot_product_attention(qc, k, v, scale=softmax_scale)
+            # The rotated queries attend to the unrotated text keys, default scale, gated per head by tanh(gate).
+            out_y = F.scaled_dot_product_attention(qc, text_k, text_v, attn_mask=text_mask)
+            parts.append(out + out_y * gate)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
 
 
@@ -251,20 +260,39 @@ class FlagDiT(nn.Module):
         x = x.view(b, h // p, w // p + 1, p, p, self.config.out_channels)[:, :, :-1]
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, self.config.out_channels, h, w)
 
+    def set_attention_slicing(self, query_chunk: Optional[int]) -> None:
+        """Compute every attention in chunks of `query_chunk` queries (None: all at once); same result, less memory
+        for kernels that hold the whole score matrix."""
+        if query_chunk is not None and (not isinstance(query_chunk, int) or query_chunk < 1):
+            raise ValueError(f"query_chunk must be a positive int or None, got {query_chunk!r}")
+        for layer in self.layers:
+            layer.attention.query_chunk = query_chunk
+
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        cap_feats: torch.Tensor,
-        cap_mask: torch.Tensor,
+        cap_feats: Optional[torch.Tensor] = None,
+        cap_mask: Optional[torch.Tensor] = None,
         *,
+        text: Optional[TextContext] = None,
         ntk_factor: float = 1.0,
         proportional_attn: bool = False,
         base_seqlen: Optional[int] = None,
         rope_scaling_factor: Optional[float] = None,
     ) -> torch.Tensor:
-        """Velocity (data - noise) of the in_channels latent channels, in x's dtype."""
-        text = self.prepare_text(cap_feats, cap_mask)
+        """Velocity (data - noise) of the in_channels latent channels, in x's dtype.
+
+        Takes the text either as features and mask, or already prepared (`text=`, from prepare_text): the second
+        form lets a wrapper of the module's call, such as `torch.compile(model)`, run the per-step work while the
+        text work stays done once per generation.
+        """
+        if text is None:
+            if cap_feats is None or cap_mask is None:
+                raise ValueError("give the text as cap_feats and cap_mask, or as text= from prepare_text")
+            text = self.prepare_text(cap_feats, cap_mask)
+        elif cap_feats is not None or cap_mask is not None:
+            raise ValueError("give the text either as cap_feats/cap_mask or as text=, not both")
         return self.forward_with_text(
             x,
             t,

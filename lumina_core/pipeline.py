@@ -1,0 +1,490 @@
+"""`LuminaT2IPipeline`: Lumina-T2I text to image from a Python script, called the way diffusers pipelines are.
+
+diffusers never merged a Lumina-T2I pipeline; this one puts the core's parts together (the LLaMA text encoder, the
+Flag-DiT, the sampler of `lumina_core.sampling`, and the SDXL VAE through diffusers' AutoencoderKL, see `vae.py`)
+with the call signature of the diffusers text-to-image pipelines: prompts or precomputed embeddings in, PIL images
+out. Sampling is exactly the Lumina Sampler node's, so a seed gives the same latent as in ComfyUI.
+
+Files are only read from local paths; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import load_flag_dit
+from .latent import LATENT_CHANNELS, to_vae_space
+from .model import FlagDiT
+from .sampling import EXTRAPOLATIONS, GUIDANCE_MODES, SOLVERS, make_noise, sample, time_grid
+from .text_encoder import LlamaTextEncoder, check_cap_feat_dim
+from .vae import decode, load_sdxl_vae, to_pil
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+PIXEL_MULTIPLE = 16  # VAE factor 8 x patch size 2
+MIN_SIZE = 32
+VAE_FACTOR = 8
+# Queries per attention chunk for enable_attention_slicing("auto"): a 1024x1024 image (4160 tokens) in 5 chunks.
+AUTO_QUERY_CHUNK = 1024
+# Names of the model files in a from_pretrained folder.
+PRETRAINED_LAYOUT = "transformer/<one .safetensors or .pth>, text_encoder/<LLaMA-2-7B folder>, vae/<one .safetensors>"
+
+
+@dataclass
+class LuminaT2IPipelineOutput:
+    """images: PIL images ("pil"), a float tensor [B, 3, H, W] in [0, 1] ("pt"), or raw SDXL-VAE latents
+    [B, 4, H/8, W/8] ("latent", what VAE decode and ComfyUI's LATENT take)."""
+
+    images: Union[list, torch.Tensor]
+
+
+class _TextPreparedCall:
+    """What `sample()` drives each step: the text work once through the bare model, and each step through the
+    transformer's own call with the prepared text. A `torch.compile`d module forwards attribute look-ups such as
+    `forward_with_text` to the eager model, so calling those directly would skip the compiled code; its `__call__`
+    is the compiled one."""
+
+    def __init__(self, transformer):
+        self.call = transformer
+        self.model = unwrap(transformer)
+
+    def prepare_text(self, cap_feats, cap_mask):
+        return self.model.prepare_text(cap_feats, cap_mask)
+
+    def forward_with_text(self, x, t, text, **kwargs):
+        return self.call(x, t, text=text, **kwargs)
+
+
+def unwrap(transformer) -> FlagDiT:
+    """The FlagDiT under a torch.compile wrapper (OptimizedModule keeps it as `_orig_mod`), or the model itself."""
+    model = getattr(transformer, "_orig_mod", transformer)
+    if not isinstance(model, FlagDiT):
+        raise TypeError(
+            f"pipe.transformer is a {type(model).__name__}, expected a Lumina-T2I FlagDiT (or torch.compile of one)"
+        )
+    return model
+
+
+def size_error(width, height) -> Optional[str]:
+    """None for a valid image size, else a message with the nearest valid sizes."""
+    problems = []
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{name} {value!r} is not an int")
+        elif value < MIN_SIZE:
+            problems.append(f"{name} {value} is below the minimum {MIN_SIZE}")
+        elif value % PIXEL_MULTIPLE:
+            low = max(PIXEL_MULTIPLE, value // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+            problems.append(f"{name} {value} is not a multiple of {PIXEL_MULTIPLE} (use {low} or {low + PIXEL_MULTIPLE})")
+    if not problems:
+        return None
+    return "Lumina-T2I image sizes must be multiples of 16 pixels, at least 32: " + "; ".join(problems)
+
+
+def _as_list(value, name: str) -> list:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def _check_embeds(embeds, mask, which: str, cap_feat_dim: int):
+    mask_name = which.replace("embeds", "attention_mask")
+    if mask is None:
+        raise ValueError(
+            f"{which} given without {mask_name}: pass the mask that came with the embeddings (pipe.encode_prompt "
+            f"returns both); padding tokens must not be read as text"
+        )
+    if not torch.is_tensor(embeds) or embeds.ndim != 3:
+        shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+        raise ValueError(f"{which} must be a tensor [batch, tokens, {cap_feat_dim}], got {shape}")
+    if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(embeds.shape[:2]):
+        shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"{mask_name} has shape {shape} but {which} has shape {tuple(embeds.shape)}: they must "
+                         f"match in batch and tokens ({tuple(embeds.shape[:2])})")
+    if embeds.shape[-1] != cap_feat_dim:
+        raise ValueError(f"{which} are {embeds.shape[-1]}-wide; this Flag-DiT expects {cap_feat_dim}-wide LLaMA "
+                         f"features (its cap_feat_dim)")
+    if not bool(mask.bool().any(dim=1).all()):
+        raise ValueError(f"{mask_name} has a row without any real token (BOS and EOS count)")
+    return embeds.float(), mask.bool()
+
+
+class LuminaT2IPipeline:
+    """Lumina-T2I text to image: `pipe(prompt).images[0]`.
+
+    transformer: the Flag-DiT (replace it by `torch.compile(pipe.transformer)` to compile it); text_encoder: a
+    LlamaTextEncoder (None if only precomputed embeddings are used); vae: diffusers' AutoencoderKL, or loaded on
+    first decode from `vae_path` (None: only output_type="latent").
+    """
+
+    def __init__(self, transformer, text_encoder: Optional[LlamaTextEncoder] = None, vae=None, *, vae_path=None,
+                 vae_dtype: torch.dtype = torch.float32):
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self._vae = vae
+        self._vae_path = None if vae_path is None else Path(vae_path)
+        self._vae_dtype = vae_dtype
+        self._device = torch.device("cpu")
+        self._offload_device: Optional[torch.device] = None
+        self._progress_bar_config: dict = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_files(cls, dit, text_encoder=None, vae=None, *, torch_dtype: torch.dtype = torch.bfloat16,
+                   device="cpu") -> "LuminaT2IPipeline":
+        """Load from local files: dit, a Flag-DiT checkpoint (e.g. lumina_t2i_5b_bf16.safetensors); text_encoder,
+        the LLaMA-2-7B Hugging Face folder; vae, sdxl_vae.safetensors (read when an image is first decoded).
+
+        The VAE is kept in float32 when torch_dtype is float16 (the SDXL VAE overflows in fp16).
+        """
+        encoder = None
+        if text_encoder is not None:
+            encoder = LlamaTextEncoder.from_folder(text_encoder, dtype=torch_dtype, device=device)
+        dit_model = load_flag_dit(dit, dtype=torch_dtype, device=device)
+        if encoder is not None:
+            check_cap_feat_dim(encoder.hidden_size, dit_model.config.cap_feat_dim, encoder_name=str(text_encoder),
+                               dit_name=str(dit))
+        if vae is not None and not Path(vae).is_file():
+            raise FileNotFoundError(f"VAE file {vae} does not exist: give the path of sdxl_vae.safetensors")
+        vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
+        pipe = cls(dit_model, encoder, vae_path=vae, vae_dtype=vae_dtype)
+        pipe._device = torch.device(device)
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, folder, *, torch_dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        """Load from one local folder laid out as transformer/ (the Flag-DiT file), text_encoder/ (the LLaMA-2-7B
+        folder) and vae/ (sdxl_vae.safetensors; optional)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder; expected {PRETRAINED_LAYOUT}")
+
+        def one_file(sub: str, suffixes, required: bool):
+            found = sorted(p for p in (folder / sub).glob("*") if p.suffix in suffixes) if (folder / sub).is_dir() else []
+            if len(found) == 1:
+                return found[0]
+            if not found and not required:
+                return None
+            what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
+            raise FileNotFoundError(f"{folder / sub} holds {what} {'/'.join(suffixes)} files; expected exactly one. "
+                                    f"Layout: {PRETRAINED_LAYOUT}")
+
+        dit = one_file("transformer", (".safetensors", ".pth", ".pt", ".ckpt"), True)
+        vae = one_file("vae", (".safetensors",), False)
+        te = folder / "text_encoder"
+        if not te.is_dir():
+            raise FileNotFoundError(f"{te} is missing; expected {PRETRAINED_LAYOUT}")
+        return cls.from_files(dit=dit, text_encoder=te, vae=vae, torch_dtype=torch_dtype, device=device)
+
+    @property
+    def vae(self):
+        """diffusers' AutoencoderKL, loaded from the VAE file on first use (diffusers is imported only then)."""
+        return self.load_vae()
+
+    def load_vae(self):
+        """Load the VAE file now (else the first decode does), and return the VAE (None without a VAE file)."""
+        if self._vae is None and self._vae_path is not None:
+            self._vae = load_sdxl_vae(self._vae_path, dtype=self._vae_dtype, device=self._home_device)
+        return self._vae
+
+    @vae.setter
+    def vae(self, value):
+        self._vae = value
+
+    @property
+    def tokenizer(self):
+        return None if self.text_encoder is None else self.text_encoder.tokenizer
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Devices, offload, attention slicing
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models run (the offload device once enable_model_cpu_offload is on)."""
+        return self._offload_device if self._offload_device is not None else self._device
+
+    @property
+    def _home_device(self) -> torch.device:
+        """Where the models rest between uses."""
+        return torch.device("cpu") if self._offload_device is not None else self._device
+
+    def _models(self):
+        return [m for m in (self.text_encoder, self.transformer, self._vae) if m is not None]
+
+    def to(self, device) -> "LuminaT2IPipeline":
+        """Move every model to `device` (this turns model CPU offload off)."""
+        self._device = torch.device(device)
+        self._offload_device = None
+        for model in self._models():
+            model.to(device=self._device)
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device=None) -> None:
+        """Keep each model in CPU memory and move it to the GPU only while it runs (the text encoder while
+        encoding, the transformer while sampling, the VAE while decoding), so the peak is the largest model, not
+        their sum. Without a GPU everything runs on the CPU, as before."""
+        if device is None:
+            device = f"cuda:{gpu_id or 0}" if torch.cuda.is_available() else "cpu"
+        self._offload_device = torch.device(device)
+        for model in self._models():
+            model.to(device=torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def _on_device(self, model):
+        """Run `model` on self.device; with offload on, move it there for the block and back to the CPU after."""
+        if self._offload_device is None or model is None:
+            yield
+            return
+        model.to(device=self._offload_device)
+        try:
+            yield
+        finally:
+            model.to(device=torch.device("cpu"))
+            if self._offload_device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def enable_attention_slicing(self, slice_size: Union[str, int, None] = "auto") -> None:
+        """Compute attention in chunks of `slice_size` queries ("auto": 1024); the result equals the unsliced one
+        and the attention scores are held for one chunk at a time."""
+        if slice_size == "auto":
+            slice_size = AUTO_QUERY_CHUNK
+        if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int)
+                                       or slice_size < 1):
+            raise ValueError(f"slice_size must be 'auto', a positive int (queries per chunk) or None, got "
+                             f"{slice_size!r}")
+        unwrap(self.transformer).set_attention_slicing(slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        unwrap(self.transformer).set_attention_slicing(None)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for the tqdm progress bar on stderr (e.g. disable=True)."""
+        self._progress_bar_config = dict(kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Text
+
+    def encode_prompt(self, prompt, negative_prompt=None, *, do_classifier_free_guidance: bool = True,
+                      num_images_per_prompt: int = 1, max_tokens: Optional[int] = None):
+        """(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask), float32
+        features [N, L, D] and bool masks [N, L] on the CPU, N = prompts x num_images_per_prompt; the negatives are
+        None without guidance. Save them and pass them to the call to skip the text encoder."""
+        prompts = _as_list(prompt, "prompt")
+        negatives = None
+        if do_classifier_free_guidance:
+            negatives = _as_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            elif len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one negative "
+                                 f"prompt, or one per prompt")
+        feats, mask = self._encode(prompts, max_tokens)
+        neg = None if negatives is None else self._encode(negatives, max_tokens)
+        k = int(num_images_per_prompt)
+        feats, mask = feats.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        if neg is None:
+            return feats, mask, None, None
+        return feats, mask, neg[0].repeat_interleave(k, 0), neg[1].repeat_interleave(k, 0)
+
+    def _encode(self, texts: list, max_tokens: Optional[int] = None):
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder (loaded without text_encoder=): pass prompt_embeds "
+                             "and prompt_attention_mask, and negative_prompt_embeds with their mask when "
+                             "guidance_scale != 1")
+        with self._on_device(self.text_encoder):
+            return self.text_encoder.encode(texts, max_tokens=max_tokens)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Generation
+
+    def prepare_latents(self, batch: int, height: int, width: int, *, generator=None, seed=None, latents=None):
+        """Initial noise [batch, 4, height/8, width/8], float32 on the CPU: the given latents; one draw per image
+        from a list of generators; one draw for the batch from one generator; or, with seed, the nodes' noise
+        (make_noise: image i gets the same noise in any batch size)."""
+        shape = (batch, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
+        if latents is not None:
+            if not torch.is_tensor(latents) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+                raise ValueError(f"latents have shape {got}, expected {shape} (batch, 4, height/8, width/8)")
+            return latents.detach().float().cpu()
+        if seed is not None:
+            return make_noise(seed, shape)
+        if isinstance(generator, (list, tuple)):
+            draws = [torch.randn((1,) + shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                     for g in generator]
+            return torch.cat(draws).cpu()
+        if generator is not None:
+            return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).cpu()
+        return torch.randn(shape, dtype=torch.float32)
+
+    def _text_inputs(self, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                     negative_prompt_attention_mask, guided: bool, per_prompt: int, cap: int):
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give either prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give a prompt (or a list of prompts), or prompt_embeds with prompt_attention_mask")
+        if prompt is not None:
+            prompts = _as_list(prompt, "prompt")
+            if negative_prompt_embeds is not None:
+                raise ValueError("negative_prompt_embeds need prompt_embeds: pass both, or text prompts only")
+            feats, mask, nf, nm = self.encode_prompt(prompts, negative_prompt, do_classifier_free_guidance=guided,
+                                                     num_images_per_prompt=per_prompt)
+            return feats, mask, nf, nm
+        feats, mask = _check_embeds(prompt_embeds, prompt_attention_mask, "prompt_embeds", cap)
+        feats, mask = feats.repeat_interleave(per_prompt, 0), mask.repeat_interleave(per_prompt, 0)
+        if not guided:
+            return feats, mask, None, None
+        if negative_prompt_embeds is None:
+            if negative_prompt_attention_mask is not None:
+                raise ValueError("negative_prompt_attention_mask given without negative_prompt_embeds")
+            negatives = _as_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            if len(negatives) not in (1, prompt_embeds.shape[0]):
+                raise ValueError(f"{len(negatives)} negative prompts for {prompt_embeds.shape[0]} prompt embeddings: "
+                                 f"give one negative prompt, or one per embedding")
+            nf, nm = self._encode(negatives)
+            if nf.shape[0] != 1:
+                nf, nm = nf.repeat_interleave(per_prompt, 0), nm.repeat_interleave(per_prompt, 0)
+            return feats, mask, nf, nm
+        nf, nm = _check_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt_embeds", cap)
+        if nf.shape[0] not in (1, prompt_embeds.shape[0]):
+            raise ValueError(f"negative_prompt_embeds have batch {nf.shape[0]} for {prompt_embeds.shape[0]} prompt "
+                             f"embeddings: give 1 or {prompt_embeds.shape[0]}")
+        if nf.shape[0] != 1:
+            nf, nm = nf.repeat_interleave(per_prompt, 0), nm.repeat_interleave(per_prompt, 0)
+        return feats, mask, nf, nm
+
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str], None] = None,
+        negative_prompt: Union[str, Sequence[str], None] = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 4.0,
+        height: int = 1024,
+        width: int = 1024,
+        num_images_per_prompt: int = 1,
+        generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        seed: Optional[int] = None,
+        solver: str = "euler",
+        shift: float = 4.0,
+        extrapolation: str = "t2i",
+        guidance: str = "faithful",
+        callback_on_step_end: Optional[Callable] = None,
+        return_dict: bool = True,
+    ):
+        """Generate images; returns LuminaT2IPipelineOutput(images=...) (a 1-tuple with return_dict=False).
+
+        num_inference_steps counts solver steps, as the Lumina Sampler node (the original demo's 30 grid points are
+        29 steps). guidance_scale 1.0 skips the negative prompt. A list of prompts is generated as one batch,
+        num_images_per_prompt images each (consecutive). Noise: `latents` if given, else one draw per image from a
+        list of generators (one per image), one draw from a single generator, the nodes' noise for `seed`, or
+        torch's global generator. callback_on_step_end(pipe, step, t, {"latents": x, "denoised": x1}) runs after
+        each step (x in model space); its return value is not used, and raising from it stops the generation.
+        """
+        dit = unwrap(self.transformer)
+        cap = dit.config.cap_feat_dim
+        problem = size_error(width, height)
+        if problem:
+            raise ValueError(f"{problem} (got width={width}, height={height})")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        for name, value, choices in (("solver", solver, SOLVERS), ("extrapolation", extrapolation, EXTRAPOLATIONS),
+                                     ("guidance", guidance, GUIDANCE_MODES)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        n_steps = len(time_grid(num_inference_steps, shift)) - 1  # validates steps and shift
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+        if output_type != "latent" and self._vae is None and self._vae_path is None:
+            raise ValueError(f'this pipeline has no VAE: load it with vae="sdxl_vae.safetensors" or use '
+                             f'output_type="latent"')
+
+        if prompt is not None:
+            n_prompts = len(_as_list(prompt, "prompt"))
+        elif torch.is_tensor(prompt_embeds):
+            n_prompts = prompt_embeds.shape[0]
+        else:
+            n_prompts = 1
+        batch = n_prompts * num_images_per_prompt
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} images ({n_prompts} prompts x "
+                             f"{num_images_per_prompt} images per prompt): give one generator per image, or one "
+                             f"for the whole batch")
+        noise = self.prepare_latents(batch, height, width, generator=generator, seed=seed, latents=latents)
+
+        guided = guidance_scale != 1.0
+        feats, mask, nfeats, nmask = self._text_inputs(
+            prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+            negative_prompt_attention_mask, guided, num_images_per_prompt, cap)
+        if self.text_encoder is not None:
+            check_cap_feat_dim(feats.shape[-1], cap, encoder_name=self.text_encoder.folder)
+
+        device = self.device
+        with self._on_device(self.transformer), self._progress(n_steps) as bar:
+
+            def on_step(info):
+                if bar is not None:
+                    bar.update(info["step"] + 1 - bar.n)
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, info["step"], info["t"], {"latents": info["x"],
+                                                                         "denoised": info["denoised"]})
+
+            samples = sample(
+                _TextPreparedCall(self.transformer), noise.to(device), (feats, mask),
+                (nfeats, nmask) if guided else None, steps=num_inference_steps, cfg=guidance_scale, shift=shift,
+                solver=solver, extrapolation=extrapolation, guidance=guidance, callback=on_step,
+            )
+        raw = to_vae_space(samples.float()).cpu()
+        if output_type == "latent":
+            images = raw
+        else:
+            vae = self.vae
+            with self._on_device(vae):
+                pixels = decode(vae, raw)
+            images = pixels if output_type == "pt" else to_pil(pixels)
+        return LuminaT2IPipelineOutput(images=images) if return_dict else (images,)
+
+    @contextlib.contextmanager
+    def _progress(self, total: int):
+        config = {"total": total, "file": sys.stderr, "desc": "Lumina-T2I", "unit": "step",
+                  **self._progress_bar_config}
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm comes with transformers; without it there is simply no bar
+            yield None
+            return
+        bar = tqdm(**config)
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+    def decode_latents(self, raw_latents: torch.Tensor, output_type: str = "pil"):
+        """Raw SDXL-VAE latents (output_type="latent"'s images) -> PIL images or a [B, 3, H, W] tensor in [0, 1]."""
+        vae = self.vae
+        if vae is None:
+            raise ValueError('this pipeline has no VAE: load it with vae="sdxl_vae.safetensors"')
+        with self._on_device(vae):
+            pixels = decode(vae, raw_latents)
+        return pixels if output_type == "pt" else to_pil(pixels)
