@@ -111,11 +111,10 @@ def make_step(dit: FlagDiT, x: torch.Tensor, sigma: torch.Tensor, context: torch
     only reads it."""
     options = transformer_options or {}
     network_sigma = options.get(NETWORK_SIGMA_OPTION)
-    if network_sigma is None:
-        sigma = sigma.float()
-    else:
-        sigma = torch.full(sigma.shape, float(network_sigma), dtype=torch.float32, device=sigma.device)
-    t = lumina_t_from_sigma(sigma).to(x.device)
+    if network_sigma is not None:
+        sigma = torch.full(sigma.shape, float(network_sigma), dtype=sigma.dtype, device=sigma.device)
+    # In sigma's precision, then fp32: a float64 sigma (the Lumina ODE sampler's) gives the solver's t rounded once.
+    t = lumina_t_from_sigma(sigma).float().to(x.device)
     mask = _text_mask(context, attention_mask)
     cache = options.get(TEXT_CACHE_OPTION)
     if cache is None:

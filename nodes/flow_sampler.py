@@ -7,10 +7,12 @@ ComfyUI's samplers call model(x, sigma) and get the *denoised* prediction. For a
 (`lumina_core.sampling.solve`) over t = 1 - sigmas: the solvers are written once.
 
 At sigma = 0 denoised equals x and v is lost, which matters where a solver evaluates at t = 1 (rk4's last stage,
-dopri5's stages at the end of its last step). There the model is evaluated at SIGMA_FLOOR instead, and the
-transformer option NETWORK_SIGMA_OPTION = 0 is passed along: a Lumina DiT then computes at exactly sigma = 0 while
-ComfyUI scales its output by the floor, so its velocity comes back exact up to rounding (about 1e-7 * |x| / 1e-3
-on that one evaluation). Any other flow model is evaluated at the floor itself, t = 0.999.
+dopri5's stages at the end of its last step). There the model is evaluated at SIGMA_FLOOR (1e-6) instead, with
+x in float64: ComfyUI computes denoised = x - sigma*output in x's dtype, and in fp32 the rounding of x would cost
+about 1e-7 * |x| / sigma of the velocity (1e-3 relative at a 1e-3 floor), in float64 nothing (the network still
+computes in its own dtype). The transformer option NETWORK_SIGMA_OPTION = 0 goes along: a Lumina DiT then computes
+at exactly sigma = 0 while ComfyUI scales its output by the floor, so its velocity is the core's. Any other flow
+model is evaluated at the floor itself, t = 1 - 1e-6.
 
 Nothing here imports ComfyUI (tested without it); `comfy_glue` wraps `lumina_ode` in ComfyUI's KSAMPLER.
 """
@@ -23,9 +25,11 @@ from lumina_core.sampling import SOLVERS, solve
 
 from .flow_model import NETWORK_SIGMA_OPTION, velocity_from_denoised
 
-# Where sigma = 0 is evaluated. Smaller floors lose more of v to fp32 rounding of x + sigma*v; larger ones move
-# the evaluation away from t = 1 for models that cannot compute at sigma 0 exactly.
-SIGMA_FLOOR = 1e-3
+# Where sigma = 0 is evaluated. With x in float64 the velocity comes back exactly at any floor, so it is small (a
+# model that cannot compute at sigma 0 is evaluated 1e-6 from t = 1). Where float64 is missing (MPS), fp32 rounding
+# of x - sigma*output costs about 1e-7 * |x| / sigma of the velocity, and 1e-3 balances that against the shift of t.
+SIGMA_FLOOR = 1e-6
+SIGMA_FLOOR_FP32 = 1e-3
 # Latent channels that Lumina-T2I's "faithful" guidance guides; the rest keep the conditional prediction.
 FAITHFUL_GUIDED_CHANNELS = 3
 
@@ -51,16 +55,19 @@ def lumina_ode(model, x, sigmas, extra_args=None, callback=None, disable=None, s
     end_args = dict(extra_args, model_options=_with_network_sigma(extra_args.get("model_options", {}), 0.0))
     # t = 1 - sigma in float64: 1 - t gives back the float32 sigmas exactly at the grid points.
     grid = 1.0 - sigmas.detach().to("cpu", torch.float64)
+    # x goes to the model in float64, so that ComfyUI's denoised = x - sigma*output and v = (denoised - x)/sigma
+    # give back the network's output exactly (the network itself computes in its own dtype); MPS has no float64.
+    wide, floor = (torch.float32, SIGMA_FLOOR_FP32) if x.device.type == "mps" else (torch.float64, SIGMA_FLOOR)
 
     def velocity(xt: torch.Tensor, t: float) -> torch.Tensor:
         sigma = 1.0 - t
-        if sigma > 0.0:
-            sigma_in = torch.tensor(sigma, dtype=torch.float32, device=xt.device)
-            denoised = model(xt, sigma_in * s_in, **extra_args)
-        else:
-            sigma_in = torch.tensor(SIGMA_FLOOR, dtype=torch.float32, device=xt.device)
-            denoised = model(xt, sigma_in * s_in, **end_args)
-        return velocity_from_denoised(xt, denoised, sigma_in).to(xt.dtype)
+        args = extra_args
+        if sigma <= 0.0:
+            sigma, args = floor, end_args
+        x_wide = xt.to(wide)
+        sigma_in = torch.tensor(sigma, dtype=wide, device=xt.device)
+        denoised = model(x_wide, sigma_in * s_in.to(wide), **args)
+        return velocity_from_denoised(x_wide, denoised.to(wide), sigma_in).to(xt.dtype)
 
     def step_callback(info: dict) -> None:
         if callback is not None:
