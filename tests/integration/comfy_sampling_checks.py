@@ -291,8 +291,8 @@ def check_sd3(out: Path) -> dict:
     for name, tensor in net.state_dict().items():
         value = torch.randn(tensor.shape, generator=g)
         sd[name] = value / math.sqrt(tensor.shape[1]) if tensor.ndim >= 2 else 0.1 * value
-    model = comfy.sd.load_diffusion_model_state_dict(sd)
     parameters = sum(v.numel() for v in sd.values())
+    model = comfy.sd.load_diffusion_model_state_dict(sd)  # detected from the keys, as a file would be
     g = torch.Generator().manual_seed(1)
     pos = [[torch.randn(1, 10, 64, generator=g), {"pooled_output": torch.randn(1, 64, generator=g)}]]
     neg = [[torch.randn(1, 10, 64, generator=g), {"pooled_output": torch.randn(1, 64, generator=g)}]]
