@@ -2,11 +2,13 @@
 
 Inside ComfyUI it turns the core's objects into ComfyUI citizens: the Flag-DiT becomes a native MODEL (a
 `BaseModel` of type FLOW with the SDXL latent format, built from `comfy.ops` layers and wrapped in a ModelPatcher),
-the LLaMA encoder gets a ModelPatcher so the memory manager moves it to the GPU only while it encodes, and sampling
-reports progress and previews and honours the interrupt button.
+the LLaMA encoder gets a ModelPatcher so the memory manager moves it to the GPU only while it encodes, and the
+Lumina Sampler runs through ComfyUI's own sampling (a CFGGuider subclass with Lumina's guidance, a KSAMPLER with the
+Lumina solvers, wrappers on the MODEL for the per-step Lumina work), with its progress, previews and interrupt.
 
-Outside ComfyUI (tests, scripts) every function has a plain fallback: models load on the CPU from folders set with
-`set_model_folders` (default `$LUMINA_MODELS_DIR/<kind>`, else `./models/<kind>`), and progress is not reported.
+Outside ComfyUI (tests, scripts) the loaders have a plain fallback: models load on the CPU from folders set with
+`set_model_folders` (default `$LUMINA_MODELS_DIR/<kind>`, else `./models/<kind>`); GUIDER and SAMPLER objects exist
+only inside ComfyUI.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import math
 import os
 import types
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -348,35 +350,6 @@ def lumina_dit(model) -> FlagDiT:
             f"Flag-DiT node (models/diffusion_models) and connect that MODEL."
         )
     return dit
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sampling
-
-
-def prepare_sampling(model, latent_shape, guided: bool) -> torch.device:
-    """Load the MODEL (and its patches) for sampling a latent of `latent_shape`; returns the device to sample on."""
-    if not IN_COMFYUI:
-        return model.load_device
-    shape = list(latent_shape)
-    batch = shape[0] * (2 if guided else 1)
-    memory_required = model.memory_required([batch] + shape[1:])
-    minimum = model.memory_required(shape)
-    comfy.model_management.load_models_gpu([model], memory_required=memory_required, minimum_memory_required=minimum)
-    return model.load_device
-
-
-def step_callback(model, steps: int) -> Optional[Callable[[dict], None]]:
-    """The sampler callback: interrupt check, progress bar and live preview after every step (None outside ComfyUI)."""
-    if not IN_COMFYUI:
-        return None
-    preview = latent_preview.prepare_callback(model, steps)  # owns a comfy.utils.ProgressBar
-
-    def callback(info: dict) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        preview(info["step"], info["denoised"], info["x"], info["steps"])
-
-    return callback
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -133,10 +133,9 @@ class LuminaSampler:
                 seed, steps, cfg, solver, shift, denoise, extrapolation, guidance,
             )
             return (out,)
+        # Plain Python: nothing can patch the MODEL, so the core computes the same latents directly.
         noise = sampling.make_noise(seed, raw.shape, latent_image.get("batch_index"))
-        n_steps = len(sampling.time_grid(steps, shift, denoise)) - 1
-        comfy_glue.check_interrupted()
-        device = comfy_glue.prepare_sampling(model, raw.shape, guided=uncond is not None)
+        device = model.load_device
         samples = sampling.sample(
             dit,
             noise.to(device),
@@ -150,7 +149,6 @@ class LuminaSampler:
             init_latent=to_model_space(raw.float()).to(device) if denoise < 1.0 else None,
             extrapolation=extrapolation,
             guidance=guidance,
-            callback=comfy_glue.step_callback(model, n_steps),
         )
         out["samples"] = to_vae_space(samples.float()).to(comfy_glue.intermediate_device())
         return (out,)
