@@ -115,7 +115,8 @@ class LuminaSampler:
     CATEGORY = "Lumina/sampling"
     DESCRIPTION = (
         "Samples Lumina-T2I as the original does: rectified flow from t=0 (noise) to 1, shifted time grid, "
-        "Lumina's guidance and resolution extrapolation."
+        "Lumina's guidance and resolution extrapolation. Runs through ComfyUI's sampling, so the MODEL's patches "
+        "(TorchCompileModel, RenormCFG, ...) apply."
     )
 
     def sample(

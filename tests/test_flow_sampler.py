@@ -248,3 +248,12 @@ def test_dit_forward_with_a_step_has_no_graph_break():
         torch.testing.assert_close(compiled(x, sigma, context=feats, attention_mask=mask, transformer_options={},
                                             lumina_step=step), eager)
     assert dit.in_channels == 4  # read by ComfyUI's RenormCFG
+
+
+def test_guider_and_sampler_nodes_say_they_need_comfyui():
+    from nodes import NODE_CLASS_MAPPINGS as N
+
+    with pytest.raises(RuntimeError, match="only inside ComfyUI"):
+        N["LuminaODESampler"]().get_sampler("rk4", 1e-3, 1e-6)
+    with pytest.raises(RuntimeError, match="only inside ComfyUI"):
+        N["LuminaCFGGuider"]().get_guider(None, [], [], 4.0, "faithful", "t2i")
