@@ -64,21 +64,22 @@ class Counter:
     """Counts the DiT's text preparations and its network calls (instance attributes over the class methods)."""
 
     def __init__(self, dit):
-        self.dit, self.prepared, self.forwards = dit, 0, 0
+        self.dit, self.prepared, self.forwards, self.rows = dit, 0, 0, 0
         prepare, forward = dit.prepare_text, dit.forward_with_text
 
         def counted_prepare(*a, **k):
             self.prepared += 1
             return prepare(*a, **k)
 
-        def counted_forward(*a, **k):
+        def counted_forward(x, *a, **k):
             self.forwards += 1
-            return forward(*a, **k)
+            self.rows += x.shape[0]  # images evaluated: cfg 1 must not evaluate the negative
+            return forward(x, *a, **k)
 
         dit.prepare_text, dit.forward_with_text = counted_prepare, counted_forward
 
     def reset(self):
-        self.prepared = self.forwards = 0
+        self.prepared = self.forwards = self.rows = 0
 
     def remove(self):
         del self.dit.prepare_text, self.dit.forward_with_text
@@ -132,13 +133,14 @@ def check_parity(out: Path) -> dict:
                     kw = dict(steps=4, cfg=cfg, solver=solver, denoise=denoise, guidance=guidance)
                     counter.reset()
                     ours = lumina_sampler(model, pos, neg, latent, **kw)
-                    prepared, forwards = counter.prepared, counter.forwards
+                    prepared, forwards, evaluated = counter.prepared, counter.forwards, counter.rows
                     custom = custom_advanced(model, pos, neg, latent, **kw)
                     counter.reset()
                     ref = core(dit, cond, uncond, latent, **kw)
                     rows.append({"solver": solver, "guidance": guidance, "cfg": cfg, "mode": name,
                                  "vs_core": rel(ours, ref), "vs_custom": rel(ours, custom),
-                                 "prepared": prepared, "forwards": forwards, "core_forwards": counter.forwards})
+                                 "prepared": prepared, "forwards": forwards, "core_forwards": counter.forwards,
+                                 "rows": evaluated, "core_rows": counter.rows})
     # Beyond 1024x1024 (1040x1040): the extrapolation reaches the DiT on both paths.
     big = {"samples": torch.zeros(1, 4, 130, 130)}
     for extrapolation in ("t2i", "time_aware") if "LUMINA_CHECK_SOLVERS" not in os.environ else ():

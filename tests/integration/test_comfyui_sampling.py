@@ -56,7 +56,9 @@ def test_lumina_sampler_equals_the_core_and_sampler_custom_advanced(tmp_path):
         if "prepared" in row:
             assert row["prepared"] == 1, row  # text work once per generation
             if row["solver"] != "dopri5":
-                assert row["forwards"] == row["core_forwards"], row  # cfg 1 skips the negative as the core does
+                assert row["forwards"] == row["core_forwards"], row
+                # Images through the DiT: 2 per step at cfg 1 (batch 2), 4 at cfg 4 (the negative skipped at cfg 1).
+                assert row["rows"] == row["core_rows"] == row["forwards"] * (2 if row["cfg"] == 1.0 else 4), row
     big = [r for r in rows if r["mode"].startswith("1040x1040")]
     assert len(big) == 2 and all(r["vs_off"] > 1e-2 for r in big)  # the extrapolation reached the DiT
 
