@@ -5,7 +5,7 @@ Importing this package does not need ComfyUI: the nodes then run on plain Python
 
 from .latent import LuminaEmptyLatent
 from .loaders import LuminaFlagDiTLoader, LuminaLlamaLoader
-from .sampling import LuminaSampler, LuminaSigmas
+from .sampling import LuminaCFGGuider, LuminaODESampler, LuminaSampler, LuminaSigmas
 from .text import LuminaTextEncode
 
 _NODES = (
@@ -14,6 +14,8 @@ _NODES = (
     (LuminaTextEncode, "Lumina Text Encode"),
     (LuminaSampler, "Lumina Sampler"),
     (LuminaSigmas, "Lumina Sigmas"),
+    (LuminaODESampler, "Lumina ODE Sampler"),
+    (LuminaCFGGuider, "Lumina CFG Guider"),
     (LuminaEmptyLatent, "Lumina Empty Latent"),
 )
 

@@ -2,20 +2,23 @@
 
 Inside ComfyUI it turns the core's objects into ComfyUI citizens: the Flag-DiT becomes a native MODEL (a
 `BaseModel` of type FLOW with the SDXL latent format, built from `comfy.ops` layers and wrapped in a ModelPatcher),
-the LLaMA encoder gets a ModelPatcher so the memory manager moves it to the GPU only while it encodes, and sampling
-reports progress and previews and honours the interrupt button.
+the LLaMA encoder gets a ModelPatcher so the memory manager moves it to the GPU only while it encodes, and the
+Lumina Sampler runs through ComfyUI's own sampling (a CFGGuider subclass with Lumina's guidance, a KSAMPLER with the
+Lumina solvers, wrappers on the MODEL for the per-step Lumina work), with its progress, previews and interrupt.
 
-Outside ComfyUI (tests, scripts) every function has a plain fallback: models load on the CPU from folders set with
-`set_model_folders` (default `$LUMINA_MODELS_DIR/<kind>`, else `./models/<kind>`), and progress is not reported.
+Outside ComfyUI (tests, scripts) the loaders have a plain fallback: models load on the CPU from folders set with
+`set_model_folders` (default `$LUMINA_MODELS_DIR/<kind>`, else `./models/<kind>`); GUIDER and SAMPLER objects exist
+only inside ComfyUI.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import types
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -23,8 +26,10 @@ from lumina_core.checkpoint import DTYPES, load_flag_dit, read_flag_dit_config
 from lumina_core.model import FlagDiT
 from lumina_core.text_encoder import LlamaTextEncoder
 
+from . import flow_model
 from .common import text_from_conditioning
 from .flow_model import ComfyFlagDiT
+from .flow_sampler import keep_conditional_channels, lumina_ode
 
 try:
     import comfy.cli_args
@@ -33,7 +38,11 @@ try:
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.samplers
     import comfy.supported_models_base
+    import comfy.utils
     import folder_paths
     import latent_preview
 except ImportError:
@@ -326,6 +335,7 @@ def load_flag_dit_model(path: str, dtype_choice: str):
     model.diffusion_model.compute_dtype = manual_cast_dtype
     if not mm.is_device_cpu(offload_device):
         model.to(offload_device)
+    register_sampling_wrappers(patcher)
     return patcher
 
 
@@ -343,29 +353,90 @@ def lumina_dit(model) -> FlagDiT:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sampling
+# Sampling through ComfyUI's own machinery: wrappers on the MODEL, the Lumina guider and ODE sampler
+
+WRAPPER_KEY = "lumina_t2i"
 
 
-def prepare_sampling(model, latent_shape, guided: bool) -> torch.device:
-    """Load the MODEL (and its patches) for sampling a latent of `latent_shape`; returns the device to sample on."""
+def register_sampling_wrappers(patcher) -> None:
+    """The Lumina per-step work (text prepared once per generation, sigma -> t, the step's extrapolation) as
+    wrappers on the MODEL's patcher, registered at load: wrappers survive clone(), so every patched copy of the
+    MODEL (TorchCompileModel, RenormCFG, other packs' patches) keeps them, under every ComfyUI sampler."""
+    wrappers = comfy.patcher_extension.WrappersMP
+    patcher.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, flow_model.outer_sample_wrapper)
+    patcher.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, flow_model.apply_model_wrapper)
+
+
+if IN_COMFYUI:
+
+    class LuminaGuider(comfy.samplers.CFGGuider):
+        """CFGGuider with Lumina-T2I's faithful guidance (channel 3 from the conditional prediction) and the
+        resolution extrapolation passed to Lumina DiTs through the model options.
+
+        Guidance stays in ComfyUI's steps: calc_cond_batch, the pre-CFG functions, `cfg_function` (a MODEL's
+        sampler_cfg_function such as RenormCFG, and the post-CFG functions); only then are the channels past the
+        third taken from the conditional prediction. At cfg 1 the negative is not evaluated, as in CFGGuider.
+        """
+
+        def __init__(self, model_patcher, guidance: str = "faithful", extrapolation: Optional[str] = None):
+            super().__init__(model_patcher)
+            if guidance not in ("faithful", "all"):
+                raise ValueError(f"unknown guidance {guidance!r}; use 'faithful' or 'all'")
+            self.guidance = guidance
+            # Our own copy: CFGGuider shares the patcher's dict, which the option must not leak into.
+            self.model_options = comfy.model_patcher.create_model_options_clone(self.model_options)
+            if extrapolation is not None:
+                options = self.model_options.setdefault("transformer_options", {})
+                options[flow_model.EXTRAPOLATION_OPTION] = extrapolation
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+            cond, uncond = self.conds.get("positive"), self.conds.get("negative")
+            if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
+                uncond = None
+            conds = [cond, uncond]
+            model = self.inner_model
+            if "sampler_calc_cond_batch_function" in model_options:
+                args = {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options}
+                out = model_options["sampler_calc_cond_batch_function"](args)
+            else:
+                out = comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
+            for fn in model_options.get("sampler_pre_cfg_function", []):
+                args = {"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
+                        "sigma": timestep, "model": model, "model_options": model_options}
+                out = fn(args)
+            guided = comfy.samplers.cfg_function(model, out[0], out[1], self.cfg, x, timestep,
+                                                 model_options=model_options, cond=cond, uncond=uncond)
+            if self.guidance == "faithful":
+                guided = keep_conditional_channels(guided, out[0])
+            return guided
+
+
+def ode_sampler(solver: str, rtol: float = 1e-3, atol: float = 1e-6):
+    """A ComfyUI SAMPLER running a Lumina solver on any flow model (see nodes/flow_sampler.py)."""
     if not IN_COMFYUI:
-        return model.load_device
-    shape = list(latent_shape)
-    batch = shape[0] * (2 if guided else 1)
-    memory_required = model.memory_required([batch] + shape[1:])
-    minimum = model.memory_required(shape)
-    comfy.model_management.load_models_gpu([model], memory_required=memory_required, minimum_memory_required=minimum)
-    return model.load_device
+        raise RuntimeError("a SAMPLER is a ComfyUI object: the Lumina ODE Sampler runs only inside ComfyUI")
+    return comfy.samplers.KSAMPLER(lumina_ode, extra_options={"solver": solver, "rtol": rtol, "atol": atol})
 
 
-def step_callback(model, steps: int) -> Optional[Callable[[dict], None]]:
-    """The sampler callback: interrupt check, progress bar and live preview after every step (None outside ComfyUI)."""
+def sample_with_guider(model, positive, negative, latent_image: dict, *, seed: int, sigmas: torch.Tensor,
+                       cfg: float, solver: str, guidance: str, extrapolation: str) -> torch.Tensor:
+    """The Lumina Sampler inside ComfyUI: Lumina guider + Lumina ODE sampler + sigmas through ComfyUI's own sampling
+    (every MODEL patch and wrapper, ComfyUI's noise, progress bar, preview and interrupt). Returns raw VAE latents
+    on the intermediate device."""
+    guider = cfg_guider(model, positive, negative, cfg, guidance, extrapolation)
+    samples = latent_image["samples"]
+    noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    out = guider.sample(noise, samples, ode_sampler(solver), sigmas, callback=callback,
+                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return out.to(intermediate_device())
+
+
+def cfg_guider(model, positive, negative, cfg: float, guidance: str, extrapolation: Optional[str]):
+    """The GUIDER of the Lumina CFG Guider node."""
     if not IN_COMFYUI:
-        return None
-    preview = latent_preview.prepare_callback(model, steps)  # owns a comfy.utils.ProgressBar
-
-    def callback(info: dict) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        preview(info["step"], info["denoised"], info["x"], info["steps"])
-
-    return callback
+        raise RuntimeError("a GUIDER is a ComfyUI object: the Lumina CFG Guider runs only inside ComfyUI")
+    guider = LuminaGuider(model, guidance, extrapolation)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider

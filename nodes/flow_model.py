@@ -6,22 +6,38 @@ denoised = x - sigma*v_comfy. Lumina-T2I uses t = 1 - sigma (0 = noise, 1 = data
 The conversion between the two conventions lives here and nowhere else on the model side (the schedule side is
 `lumina_core.sampling.sigmas_from_time_grid`); ComfyUI's own Lumina 2 does the same (SPEC.md §5).
 
-Nothing here imports ComfyUI, so the conversion is tested without it.
+Per-step work that is not tensor maths (sigma -> t, the resolution extrapolation of the step, finding the text
+prepared for this generation) is done by `apply_model_wrapper`, outside the network's forward, so that
+`torch.compile` (ComfyUI's TorchCompileModel) traces `ComfyFlagDiT.forward` as one graph: the forward then receives
+a `LuminaStep` and only computes.
+
+Nothing here imports ComfyUI, so the conversion, the wrappers and the cache are tested without it.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from lumina_core.model import FlagDiT
+from lumina_core.model import FlagDiT, TextContext
 from lumina_core.sampling import EXTRAPOLATIONS, extrapolation_kwargs
+
+logger = logging.getLogger(__name__)
 
 # transformer_options key a workflow may set to choose the resolution extrapolation of the MODEL path.
 EXTRAPOLATION_OPTION = "lumina_extrapolation"
 # The default of the MODEL path equals the Lumina Sampler's default, so both samplers compute the same thing.
 DEFAULT_EXTRAPOLATION = "t2i"
+# transformer_options key holding the per-generation TextCache (set by `outer_sample_wrapper`).
+TEXT_CACHE_OPTION = "lumina_text_cache"
+# transformer_options key: the sigma the Lumina DiT computes at when ComfyUI's sigma is only a stand-in (see
+# nodes/flow_sampler.py: the end point sigma = 0 is evaluated at a floor sigma, the DiT at exactly 0).
+NETWORK_SIGMA_OPTION = "lumina_network_sigma"
+# The keyword argument that carries a LuminaStep from the wrapper to the forward.
+STEP_KWARG = "lumina_step"
 
 
 def lumina_t_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
@@ -32,6 +48,119 @@ def lumina_t_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
 def comfy_output_from_velocity(v: torch.Tensor) -> torch.Tensor:
     """Lumina's velocity data - noise -> ComfyUI's flow output noise - data."""
     return -v
+
+
+def velocity_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
+    """The Lumina velocity of any flow model from ComfyUI's denoised prediction: denoised = x + sigma*v, so
+    v = (denoised - x) / sigma (undefined at sigma = 0, where denoised = x)."""
+    return (denoised - x) / sigma
+
+
+@dataclass
+class LuminaStep:
+    """What one network call needs beyond x: Lumina's t [B], the text prepared for this generation and the
+    extrapolation keyword arguments of this step (plain numbers, so torch.compile specialises on them)."""
+
+    t: torch.Tensor
+    text: TextContext
+    extrapolation: dict = field(default_factory=dict)
+
+
+class TextCache:
+    """The text work of one generation (caption pooling, every layer's text keys/values), reused at every step.
+
+    ComfyUI re-concatenates the conds into new tensors at every step, so the entries are keyed on what is stable
+    for a generation (the conds' uuids and their cond/uncond order, the device) and confirmed by an equality check
+    on the text tensors (cheap next to a forward). `prepared` counts the preparations, for tests and benchmarks.
+    """
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.prepared = 0
+
+    def get(self, dit: FlagDiT, key, context: torch.Tensor, mask: torch.Tensor) -> TextContext:
+        entry = self.entries.get(key)
+        if entry is not None:
+            old_context, old_mask, text = entry
+            if (old_context.shape == context.shape and old_mask.shape == mask.shape
+                    and torch.equal(old_context, context) and torch.equal(old_mask, mask)):
+                return text
+        text = dit.prepare_text(context, mask)
+        self.prepared += 1
+        self.entries[key] = (context, mask, text)
+        return text
+
+
+def _text_mask(context: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+    return attention_mask.to(context.device) != 0
+
+
+def _extrapolation_mode(options: dict) -> str:
+    mode = options.get(EXTRAPOLATION_OPTION, DEFAULT_EXTRAPOLATION)
+    if mode not in EXTRAPOLATIONS:
+        raise ValueError(f"transformer_options[{EXTRAPOLATION_OPTION!r}] = {mode!r}; use one of {EXTRAPOLATIONS}")
+    return mode
+
+
+def make_step(dit: FlagDiT, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+              attention_mask: Optional[torch.Tensor], transformer_options: dict) -> LuminaStep:
+    """The LuminaStep of one call: t from the network sigma, the text from the generation's cache (or prepared
+    now when there is none), and the step's extrapolation with its RoPE table computed ahead, so that the forward
+    only reads it."""
+    options = transformer_options or {}
+    network_sigma = options.get(NETWORK_SIGMA_OPTION)
+    if network_sigma is not None:
+        sigma = torch.full(sigma.shape, float(network_sigma), dtype=sigma.dtype, device=sigma.device)
+    # In sigma's precision, then fp32: a float64 sigma (the Lumina ODE sampler's) gives the solver's t rounded once.
+    t = lumina_t_from_sigma(sigma).float().to(x.device)
+    mask = _text_mask(context, attention_mask)
+    cache = options.get(TEXT_CACHE_OPTION)
+    if cache is None:
+        text = dit.prepare_text(context, mask)
+    else:
+        key = (tuple(options.get("uuids") or ()), tuple(options.get("cond_or_uncond") or ()), str(x.device))
+        text = cache.get(dit, key, context, mask)
+    # One sampling step shares one t across the batch; time-aware extrapolation switches on it.
+    extra = extrapolation_kwargs(_extrapolation_mode(options), x.shape[-2], x.shape[-1], float(t.reshape(-1)[0]))
+    p = dit.config.patch_size
+    seq_len = (x.shape[-2] // p) * (x.shape[-1] // p + 1)  # patches plus one end-of-line token per row
+    dit.rope(seq_len, ntk_factor=extra.get("ntk_factor", 1.0), rope_scaling_factor=extra.get("rope_scaling_factor"),
+             device=x.device, cache=text.rope_cache)
+    return LuminaStep(t=t, text=text, extrapolation=extra)
+
+
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                        **kwargs):
+    """ComfyUI APPLY_MODEL wrapper of the Lumina MODEL (registered at load): adds the call's LuminaStep.
+
+    Runs in eager mode around BaseModel._apply_model, outside any compiled diffusion model, with ComfyUI's sigma
+    `t` as the samplers pass it (before model_sampling.timestep, so shift/multiplier patches do not matter).
+    """
+    dit = executor.class_obj.diffusion_model
+    dit = getattr(dit, "_orig_mod", dit)  # a torch.compile'd module wraps the DiT
+    if c_crossattn is not None and isinstance(dit, FlagDiT):
+        kwargs[STEP_KWARG] = make_step(dit, x, t, c_crossattn.to(x.device), kwargs.get("attention_mask"),
+                                       transformer_options)
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """ComfyUI OUTER_SAMPLE wrapper of the Lumina MODEL (registered at load): one TextCache per generation,
+    created when sampling starts and dropped when it ends."""
+    guider = executor.class_obj
+    options = guider.model_options.setdefault("transformer_options", {})
+    previous = options.get(TEXT_CACHE_OPTION)
+    options[TEXT_CACHE_OPTION] = cache = TextCache()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        logger.debug("Lumina text prepared %d time(s) in this generation", cache.prepared)
+        if previous is None:
+            options.pop(TEXT_CACHE_OPTION, None)
+        else:
+            options[TEXT_CACHE_OPTION] = previous
 
 
 class ComfyFlagDiT(FlagDiT):
@@ -45,25 +174,24 @@ class ComfyFlagDiT(FlagDiT):
         super().__init__(config, operations=operations, device=device, dtype=dtype)
         # ComfyUI's BaseModel.get_dtype() reads diffusion_model.dtype: the storage dtype of the weights.
         self.dtype = dtype
+        # Read by ComfyUI nodes that split latent channels (RenormCFG).
+        self.in_channels = config.in_channels
 
-    def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options=None, **kwargs):
+    def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options=None, lumina_step=None,
+                **kwargs):
         """ComfyUI's call: x [B,4,h,w] model-space latent, timesteps = sigma [B], context = text features [B,L,D],
-        attention_mask [B,L] (nonzero on real tokens). Returns noise - data."""
+        attention_mask [B,L] (nonzero on real tokens). Returns noise - data.
+
+        With `lumina_step` (added by `apply_model_wrapper`) the call is pure tensor maths; without it (a direct
+        call) the text and the extrapolation are worked out here.
+        """
+        if lumina_step is not None:
+            step = lumina_step
+            return comfy_output_from_velocity(self.forward_with_text(x, step.t, step.text, **step.extrapolation))
         if context is None:
             raise ValueError(
                 "No text conditioning reached the Lumina Flag-DiT: connect the sampler's positive and negative "
                 "inputs to Lumina Text Encode nodes."
             )
-        if attention_mask is None:
-            mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
-        else:
-            mask = attention_mask != 0
-        t = lumina_t_from_sigma(timesteps.float())
-        options = transformer_options or {}
-        mode = options.get(EXTRAPOLATION_OPTION, DEFAULT_EXTRAPOLATION)
-        if mode not in EXTRAPOLATIONS:
-            raise ValueError(f"transformer_options[{EXTRAPOLATION_OPTION!r}] = {mode!r}; use one of {EXTRAPOLATIONS}")
-        # One sampling step shares one t across the batch; time-aware extrapolation switches on it.
-        extra = extrapolation_kwargs(mode, x.shape[-2], x.shape[-1], float(t.reshape(-1)[0]))
-        v = super().forward(x, t, context, mask, **extra)
-        return comfy_output_from_velocity(v)
+        step = make_step(self, x, timesteps, context, attention_mask, transformer_options or {})
+        return comfy_output_from_velocity(self.forward_with_text(x, step.t, step.text, **step.extrapolation))

@@ -1,4 +1,9 @@
-"""Lumina Sampler (the original's rectified-flow sampler) and Lumina Sigmas (its schedule for ComfyUI's samplers)."""
+"""Lumina Sampler (the original's rectified-flow sampler), Lumina Sigmas (its schedule), and its solver and
+guidance as ComfyUI parts: Lumina ODE Sampler (a SAMPLER) and Lumina CFG Guider (a GUIDER) for SamplerCustomAdvanced.
+
+Inside ComfyUI the Lumina Sampler is those parts run through ComfyUI's own sampling, so every patch on the MODEL
+applies; on plain Python (tests, scripts) it calls `lumina_core.sampling.sample`, which computes the same latents.
+"""
 
 from __future__ import annotations
 
@@ -110,7 +115,8 @@ class LuminaSampler:
     CATEGORY = "Lumina/sampling"
     DESCRIPTION = (
         "Samples Lumina-T2I as the original does: rectified flow from t=0 (noise) to 1, shifted time grid, "
-        "Lumina's guidance and resolution extrapolation."
+        "Lumina's guidance and resolution extrapolation. Runs through ComfyUI's sampling, so the MODEL's patches "
+        "(TorchCompileModel, RenormCFG, ...) apply."
     )
 
     def sample(
@@ -121,10 +127,16 @@ class LuminaSampler:
         cap = dit.config.cap_feat_dim
         cond = text_from_conditioning(positive, cap, "positive")
         uncond = text_from_conditioning(negative, cap, "negative") if cfg != 1.0 else None
+        out = {k: v for k, v in latent_image.items() if k != "downscale_ratio_spacial"}
+        if comfy_glue.IN_COMFYUI:
+            out["samples"] = self._sample_in_comfyui(
+                model, positive, negative if uncond is not None else positive, raw, latent_image.get("batch_index"),
+                seed, steps, cfg, solver, shift, denoise, extrapolation, guidance,
+            )
+            return (out,)
+        # Plain Python: nothing can patch the MODEL, so the core computes the same latents directly.
         noise = sampling.make_noise(seed, raw.shape, latent_image.get("batch_index"))
-        n_steps = len(sampling.time_grid(steps, shift, denoise)) - 1
-        comfy_glue.check_interrupted()
-        device = comfy_glue.prepare_sampling(model, raw.shape, guided=uncond is not None)
+        device = model.load_device
         samples = sampling.sample(
             dit,
             noise.to(device),
@@ -138,11 +150,24 @@ class LuminaSampler:
             init_latent=to_model_space(raw.float()).to(device) if denoise < 1.0 else None,
             extrapolation=extrapolation,
             guidance=guidance,
-            callback=comfy_glue.step_callback(model, n_steps),
         )
-        out = {k: v for k, v in latent_image.items() if k != "downscale_ratio_spacial"}
         out["samples"] = to_vae_space(samples.float()).to(comfy_glue.intermediate_device())
         return (out,)
+
+    @staticmethod
+    def _sample_in_comfyui(model, positive, negative, raw, batch_index, seed, steps, cfg, solver, shift, denoise,
+                           extrapolation, guidance):
+        """Lumina Sigmas + Lumina CFG Guider + Lumina ODE Sampler through ComfyUI's sampling (the negative is the
+        positive at cfg 1, where it is not evaluated)."""
+        sigmas = sampling.sigmas_from_time_grid(sampling.time_grid(steps, shift, denoise))
+        comfy_glue.check_interrupted()
+        if len(sigmas) < 2:  # denoise 0: nothing to do
+            return raw.clone().to(comfy_glue.intermediate_device())
+        latent = {"samples": raw} if batch_index is None else {"samples": raw, "batch_index": batch_index}
+        return comfy_glue.sample_with_guider(
+            model, positive, negative, latent, seed=seed, sigmas=sigmas, cfg=cfg, solver=solver, guidance=guidance,
+            extrapolation=extrapolation,
+        )
 
 
 class LuminaSigmas:
@@ -161,3 +186,101 @@ class LuminaSigmas:
 
     def get_sigmas(self, steps, shift, denoise):
         return (sampling.sigmas_from_time_grid(sampling.time_grid(steps, shift, denoise)),)
+
+
+def _tolerance_input(default: float, minimum: float, what: str):
+    return (
+        "FLOAT",
+        {
+            "default": default,
+            "min": minimum,
+            "max": 1.0,
+            "step": minimum,
+            "round": False,
+            "tooltip": f"dopri5 only: {what} of the adaptive step control (the other solvers ignore it).",
+        },
+    )
+
+
+class LuminaODESampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "solver": (
+                    list(sampling.SOLVERS),
+                    {
+                        "default": "euler",
+                        "tooltip": "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second "
+                        "order at 1 per step), dopri5 (adaptive: the SIGMAS set only start and end).",
+                    },
+                ),
+                "rtol": _tolerance_input(1e-3, 1e-8, "relative tolerance"),
+                "atol": _tolerance_input(1e-6, 1e-10, "absolute tolerance"),
+            }
+        }
+
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("A SAMPLER for SamplerCustomAdvanced that integrates the flow ODE with the chosen solver.",)
+    FUNCTION = "get_sampler"
+    CATEGORY = "Lumina/sampling"
+    DESCRIPTION = (
+        "Lumina's exact ODE solvers for any flow MODEL (Lumina-T2I, Lumina-Image-2.0, SD3, Flux, AuraFlow) in "
+        "SamplerCustomAdvanced: it turns ComfyUI's denoised prediction into the velocity and integrates dx/dt = v "
+        "over the given SIGMAS, as the Lumina Sampler does."
+    )
+
+    def get_sampler(self, solver, rtol, atol):
+        return (comfy_glue.ode_sampler(solver, rtol, atol),)
+
+
+class LuminaCFGGuider:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "Any flow MODEL; its patches (RenormCFG, TorchCompileModel, ...) apply."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt (not evaluated at cfg 1.0)."}),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 4.0,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Classifier-free guidance scale; 1.0 skips the negative.",
+                    },
+                ),
+                "guidance": (
+                    list(sampling.GUIDANCE_MODES),
+                    {
+                        "default": "faithful",
+                        "tooltip": "faithful: guide latent channels 0-2 and keep the others conditional, as the "
+                        "Lumina-T2I demo (meant for its 4-channel SDXL latents). all: every channel, as CFGGuider.",
+                    },
+                ),
+                "extrapolation": (
+                    list(sampling.EXTRAPOLATIONS),
+                    {
+                        "default": "t2i",
+                        "tooltip": "Resolution extrapolation of Lumina DiTs (other models ignore it): t2i, "
+                        "time_aware or off, as in the Lumina Sampler.",
+                    },
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("A GUIDER for SamplerCustomAdvanced.",)
+    FUNCTION = "get_guider"
+    CATEGORY = "Lumina/sampling"
+    DESCRIPTION = (
+        "Classifier-free guidance with Lumina's three-channel (faithful) mode, through ComfyUI's cfg steps so a "
+        "MODEL's cfg function and post-CFG patches still apply. With Lumina Sigmas and Lumina ODE Sampler in "
+        "SamplerCustomAdvanced it gives exactly what the Lumina Sampler gives."
+    )
+
+    def get_guider(self, model, positive, negative, cfg, guidance, extrapolation):
+        return (comfy_glue.cfg_guider(model, positive, negative, cfg, guidance, extrapolation),)

@@ -29,6 +29,8 @@ EXPECTED_NODES = {
     "LuminaSampler",
     "LuminaSigmas",
     "LuminaEmptyLatent",
+    "LuminaODESampler",
+    "LuminaCFGGuider",
 }
 PROMPT = "a red cat sat on the mat"
 

@@ -1,6 +1,11 @@
 """Sampler overhead, the cost of classifier-free guidance, and the saving of per-generation text caching
 (issue #7, items 2 and 3).
 
+0. The Lumina Sampler node as it runs inside ComfyUI (Lumina CFG Guider + Lumina ODE Sampler through ComfyUI's
+   sampling, text cached per generation by the MODEL's wrappers): the whole node call divided by the time of the
+   DiT's forwards inside it, at 30 steps, target <= 1.03. Needs ComfyUI: run with its python and `--comfyui DIR`
+   (or COMFYUI_DIR set); without it this part is skipped with a note.
+
 1. Overhead: a whole `sample()` call (text preparation, time grid, guidance, solver, finiteness checks) divided by
    (number of model evaluations x one `forward_with_text` of the same batch). Target <= 1.03. The forwards are
    timed inside the same call by a delegating wrapper, so the ratio is the call's time over its own forwards' time
@@ -17,12 +22,13 @@ Config: dim 512, 4 layers, 8 heads, cap_feat_dim 4096 (small, but a forward cost
 of a Python loop). fp32 on the CPU, euler, shift 4, extrapolation "t2i" (the default). All timings are medians of
 interleaved repeats: on a shared machine compare the ratios, not the seconds.
 
-    python tests/bench/bench_sampler.py [--quick] [--steps 4] [--repeats 3]
+    python tests/bench/bench_sampler.py [--quick] [--steps 4] [--repeats 3] [--comfyui DIR] [--node-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -183,12 +189,79 @@ def caching_rows(model, latents, text_lens, repeats):
     return rows
 
 
+def node_rows(comfyui_dir, latents, steps, repeats):
+    """The Lumina Sampler node inside ComfyUI: whole call / forwards timed inside it, cfg 4 and cfg 1."""
+    import importlib.util
+    import os
+    import tempfile
+
+    sys.path.insert(0, os.path.abspath(comfyui_dir))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("ComfyUI_Lumina", repo / "__init__.py",
+                                                  submodule_search_locations=[str(repo)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["ComfyUI_Lumina"] = pack
+    spec.loader.exec_module(pack)
+    from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS, comfy_glue
+    from ComfyUI_Lumina.nodes.common import make_conditioning
+
+    from lumina_core.checkpoint import save_flag_dit
+
+    folder = tempfile.mkdtemp(prefix="lumina_bench_")
+    path = Path(folder) / "small.safetensors"
+    save_flag_dit(build_model(SMALL), path)
+    model = comfy_glue.load_flag_dit_model(str(path), "fp32")
+    path.unlink()
+    dit = comfy_glue.lumina_dit(model)
+    timed = {"s": 0.0, "n": 0}
+    forward = dit.forward_with_text
+
+    def timed_forward(*a, **k):
+        start = _common.now()
+        out = forward(*a, **k)
+        timed["s"] += _common.now() - start
+        timed["n"] += 1
+        return out
+
+    dit.forward_with_text = timed_forward
+    pos = make_conditioning(*random_text(1, TEXT_LEN, SMALL.cap_feat_dim, seed=1))
+    neg = make_conditioning(*random_text(1, 2, SMALL.cap_feat_dim, seed=2))
+    node = NODE_CLASS_MAPPINGS["LuminaSampler"]()
+    rows = []
+    for lh in latents:
+        latent = {"samples": torch.zeros(1, 4, lh, lh)}
+        for cfg in (CFG, 1.0):
+            ratios, calls, forwards = [], [], []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                timed["s"], timed["n"] = 0.0, 0
+                start = _common.now()
+                node.sample(model, pos, neg, latent, 0, steps, cfg, "euler", SHIFT, 1.0, "t2i", "faithful")
+                call = _common.now() - start
+                ratios.append(call / timed["s"])
+                calls.append(call)
+                forwards.append(timed["s"] / timed["n"])
+            n = timed["n"]
+            assert n == steps, (n, steps)
+            ratio = median(ratios[1:])
+            rows.append([f"{lh}x{lh} ({lh * 8}px)", cfg, f"euler x{steps}", n, f"{median(forwards[1:]):.3f}",
+                         f"{median(calls[1:]):.2f}", f"**{ratio:.3f}**", "yes" if ratio <= TARGET else "NO"])
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two latent sizes, 3 repeats (about 2 min)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--solver", default="euler", choices=sorted(EVALS_PER_STEP))
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"),
+                        help="a ComfyUI checkout: also measure the Lumina Sampler node inside ComfyUI (run this script "
+                        "with ComfyUI's python)")
+    parser.add_argument("--node-only", action="store_true", help="only part 0 (the node inside ComfyUI)")
+    parser.add_argument("--node-steps", type=int, default=DEFAULT_STEPS)
     add_timing_args(parser)
     args = parser.parse_args()
     timing = apply_timing_args(args)
@@ -202,6 +275,20 @@ def main() -> int:
         model(torch.randn(2, 4, 16, 16), torch.rand(2), *random_text(2, 8, SMALL.cap_feat_dim))
     print(f"Sampler benchmarks, config dim {SMALL.dim}, {SMALL.n_layers} layers, {SMALL.n_heads} heads, cap "
           f"{SMALL.cap_feat_dim}, fp32; {timing}; medians of {args.repeats} interleaved repeats\n")
+
+    node_latents = [32] if args.quick else [32, 64]
+    if args.comfyui:
+        rows = node_rows(args.comfyui, node_latents, args.node_steps, args.repeats)
+        print(f"0. The Lumina Sampler node inside ComfyUI (guider + ODE sampler through ComfyUI's sampling): whole "
+              f"call / the DiT forwards inside it, target <= {TARGET}:\n")
+        print(table(["latent", "cfg", "solver", "evals", "forward (s, inside)", "node call (s)", "ratio",
+                     f"<= {TARGET}"], rows))
+        print()
+    else:
+        print("0. The Lumina Sampler node inside ComfyUI: skipped (pass --comfyui DIR and run with ComfyUI's "
+              "python).\n")
+    if args.node_only:
+        return 0
 
     rows, cfg_rows = overhead_rows(model, latents, args.steps, args.solver, args.repeats)
     print(f"1. sample() / (evaluations x forward_with_text of the same batch), cfg {CFG}, target <= {TARGET}:\n")
