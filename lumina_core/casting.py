@@ -95,6 +95,11 @@ def swap_linear_layers(module: nn.Module, linear_cls=CastLinear) -> nn.Module:
                 device=child.weight.device,
                 dtype=child.weight.dtype,
             )
+            # Layers that defer creating their weight until loading (ComfyUI's, in one of its memory modes) get the
+            # original's meta tensors, so the state-dict keys exist; loading with assign=True replaces them.
+            if getattr(new, "weight", None) is None:
+                new.weight = child.weight
+                new.bias = child.bias
             setattr(module, name, new)
         else:
             swap_linear_layers(child, linear_cls)

@@ -109,3 +109,11 @@ def check_family(meta: dict, *, family: str, width: int, source: str = "the cond
             f"{source} has {found_width}-wide features but this DiT expects {width} (its cap_feat_dim): encode the "
             f"prompt again with the text encoder the DiT was trained with."
         )
+
+
+def is_conditioning_file(path) -> bool:
+    """Whether `path` is a file written by `save` (reads its header only; False for anything unreadable)."""
+    try:
+        return SafetensorsFile(Path(path), ConditioningFileError).metadata().get("format") == FORMAT
+    except (OSError, ValueError):
+        return False

@@ -29,6 +29,8 @@ EXPECTED_NODES = {
     "LuminaSampler",
     "LuminaSigmas",
     "LuminaEmptyLatent",
+    "LuminaSaveConditioning",
+    "LuminaLoadConditioning",
 }
 PROMPT = "a red cat sat on the mat"
 
