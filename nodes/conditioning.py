@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 
 from lumina_core import conditioning as cond_files
 from lumina_core.conditioning import T2I_FAMILY
@@ -113,10 +112,3 @@ class LuminaLoadConditioning:
                 return hashlib.sha256(f.read()).hexdigest()
         except OSError:
             return ""
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, conditioning_file):
-        path = comfy_glue.conditioning_file_path(conditioning_file)
-        if not os.path.isfile(path):
-            return f"Saved conditioning {conditioning_file!r} not found ({path}): run Lumina Save Conditioning first."
-        return True
