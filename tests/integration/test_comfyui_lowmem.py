@@ -151,3 +151,35 @@ def test_an_encoding_of_another_family_is_refused_with_a_clear_message(server):
     _save_latent(prompt, "never", ["run", 0])
     error = _failure(server, prompt)
     assert "encoded for lumina_next by Gemma-2B" in error and "needs LLaMA-2-7B" in error, error
+
+
+def _upload(server, path: Path) -> dict:
+    """POST a file to /upload/image as the frontend's upload button does (multipart form, type=input)."""
+    import json
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\ninput\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(server.url + "/upload/image", data=body,
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_uploaded_encoding_is_listed_and_loads(server, tmp_path):
+    assert any(e.endswith("/lumina_conditioning_upload.js") for e in server.get("/extensions"))
+    feats = torch.randn(1, 4, TINY_HIDDEN)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    path = conditioning.save(tmp_path / "uploaded_prompt.safetensors", feats, mask, prompt="uploaded")
+    assert _upload(server, path)["name"] == "uploaded_prompt.safetensors"
+    listed = server.get("/object_info/LuminaLoadConditioning")["LuminaLoadConditioning"]
+    assert "uploaded_prompt.safetensors" in listed["input"]["required"]["conditioning_file"][0]
+    prompt = _base(encoder=False)
+    prompt["pos"] = {"class_type": "LuminaLoadConditioning",
+                     "inputs": {"conditioning_file": "uploaded_prompt.safetensors"}}
+    prompt["run"] = _sampler(["dit", 0], ["pos", 0], ["pos", 0], ["lat", 0])
+    _save_latent(prompt, "uploaded", ["run", 0])
+    assert torch.isfinite(_latents(server, server.run(prompt))["uploaded"]).all()
