@@ -300,3 +300,18 @@ def test_demo_refuses_an_encoding_of_another_family(tmp_path, capsys):
                 str(tmp_path / "g.safetensors"), "--width", "32", "--height", "32", "--steps", "1",
                 "--out", str(tmp_path / "o")]) == 2
     assert "encoded for lumina_next by Gemma-2B" in capsys.readouterr().out
+
+
+def test_fp8_computes_in_fp32_on_a_cpu_without_bf16(fp32_file, monkeypatch):
+    monkeypatch.setattr(casting, "cpu_supports_bf16", lambda: False)
+    model = load_flag_dit(fp32_file, dtype=E4M3)
+    assert model.compute_dtype == torch.float32 and model.eol_token.dtype == torch.float32
+    feats, mask = random_text(1, 4, model.config.cap_feat_dim)
+    x = torch.randn(1, 4, 16, 16)
+    out = model(x, torch.tensor([0.5]), feats, mask)
+    # Reference: an fp32 model holding the fp8-rounded linear weights.
+    ref = load_flag_dit(fp32_file, dtype=torch.float32)
+    with torch.no_grad():
+        for key in linear_weight_names(ref):
+            ref.get_parameter(key).copy_(ref.get_parameter(key).to(E4M3).float())
+    assert torch.allclose(out, ref(x, torch.tensor([0.5]), feats, mask), atol=1e-5, rtol=1e-5)

@@ -183,3 +183,48 @@ def test_uploaded_encoding_is_listed_and_loads(server, tmp_path):
     prompt["run"] = _sampler(["dit", 0], ["pos", 0], ["pos", 0], ["lat", 0])
     _save_latent(prompt, "uploaded", ["run", 0])
     assert torch.isfinite(_latents(server, server.run(prompt))["uploaded"]).all()
+
+
+# Run by ComfyUI's python: ComfyUI's fp8 command-line flags pick fp8 for "auto", and both models are built from
+# ComfyUI's casting layers (comfy.ops), which is what lets its low-VRAM mode load them in parts.
+FLAGS_SCRIPT = r"""
+import sys, torch
+import comfy.cli_args
+args = comfy.cli_args.args
+args.cpu = True
+args.fp8_e4m3fn_unet = True
+args.fp8_e5m2_text_enc = True
+sys.path.insert(0, sys.argv[1])
+from nodes import comfy_glue
+
+patcher = comfy_glue.load_flag_dit_model(sys.argv[2], "auto")
+dit = patcher.model.diffusion_model
+wq = dit.layers[0].attention.wq
+assert wq.weight.dtype == torch.float8_e4m3fn, wq.weight.dtype
+assert hasattr(wq, "comfy_cast_weights") and type(wq).__module__ == "comfy.ops", type(wq)
+assert dit.compute_dtype == torch.float32, dit.compute_dtype  # ComfyUI computes in fp32 on a CPU
+handle = comfy_glue.load_text_encoder(sys.argv[3], "auto")
+q = handle.encoder.model.layers[0].self_attn.q_proj
+assert q.weight.dtype == torch.float8_e5m2, q.weight.dtype
+assert hasattr(q, "comfy_cast_weights") and type(q).__module__ == "comfy.ops", type(q)
+feats, mask = comfy_glue.encode_text(handle, "a red cat")
+assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
+out = dit(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), feats, mask)
+assert torch.isfinite(out).all()
+print("FLAGS OK")
+"""
+
+
+def test_comfyui_fp8_flags_pick_fp8_and_comfy_casting_layers(server):
+    import subprocess
+
+    from tests.integration.comfy_server import COMFYUI_DIR, COMFYUI_PYTHON
+    from tests.helpers_nodes import REPO
+
+    models = server.base / "models"
+    result = subprocess.run(
+        [COMFYUI_PYTHON, "-c", FLAGS_SCRIPT, str(REPO), str(models / "diffusion_models" / DIT_NAME),
+         str(models / "text_encoders" / LLAMA_NAME)],
+        cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and "FLAGS OK" in result.stdout, result.stdout[-3000:] + result.stderr[-6000:]
