@@ -119,7 +119,7 @@ def _peak_rss_gb() -> float:
     return peak / 1e9 * (1 if sys.platform == "darwin" else 1024)
 
 
-def _load_saved(path, which: str):
+def _load_saved(path):
     saved = conditioning.load(path)
     return saved.features, saved.mask, saved.meta
 
@@ -192,8 +192,8 @@ def run_demo(args) -> int:
         else:
             start = time.perf_counter()
             try:
-                cond_f, cond_m, cond_meta = _load_saved(args.cond, "--cond")
-                unc_f, unc_m, unc_meta = _load_saved(args.negative_cond, "--negative-cond")
+                cond_f, cond_m, cond_meta = _load_saved(args.cond)
+                unc_f, unc_m, unc_meta = _load_saved(args.negative_cond)
             except (ValueError, OSError) as err:
                 _out(f"error: {err}")
                 return 2

@@ -264,7 +264,6 @@ def test_sampling_from_loaded_encodings_equals_sampling_from_fresh_ones(tmp_path
 
 
 def test_demo_saves_encodings_and_samples_from_them_without_the_encoder(tmp_path, llama_folder, capsys):
-    from lumina_core.demo import _resolve  # noqa: F401  (the flags below go through it)
     from safetensors.torch import load_file
 
     dit = tmp_path / "dit.safetensors"
