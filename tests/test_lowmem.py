@@ -314,3 +314,64 @@ def test_fp8_computes_in_fp32_on_a_cpu_without_bf16(fp32_file, monkeypatch):
         for key in linear_weight_names(ref):
             ref.get_parameter(key).copy_(ref.get_parameter(key).to(E4M3).float())
     assert torch.allclose(out, ref(x, torch.tensor([0.5]), feats, mask), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Nodes on plain Python
+
+
+@pytest.fixture()
+def node_models(tmp_path, monkeypatch):
+    from nodes import comfy_glue
+    from tests.helpers_nodes import make_tiny_models
+
+    paths = make_tiny_models(tmp_path / "models")
+    monkeypatch.setattr(comfy_glue, "_plain_folders", {
+        "diffusion_models": [str(paths["root"] / "diffusion_models")],
+        "text_encoders": [str(paths["root"] / "text_encoders")],
+    })
+    monkeypatch.setenv("LUMINA_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setenv("LUMINA_INPUT_DIR", str(tmp_path / "input"))
+    return paths
+
+
+def test_loader_nodes_take_fp8_and_the_save_load_nodes_round_trip(node_models, tmp_path):
+    from nodes import NODE_CLASS_MAPPINGS as N
+    from nodes.common import DTYPE_CHOICES, FAMILY_KEY, PROMPT_KEY
+    from tests.helpers_nodes import DIT_NAME, LLAMA_NAME
+
+    assert {"fp8_e4m3fn", "fp8_e5m2"} <= set(DTYPE_CHOICES)
+    (te,) = N["LuminaLlamaLoader"]().load(LLAMA_NAME, "fp8_e5m2")
+    (model,) = N["LuminaFlagDiTLoader"]().load(DIT_NAME, "fp8_e4m3fn")
+    assert te.encoder.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e5m2
+    assert model.model.diffusion_model.layers[0].feed_forward.w1.weight.dtype == E4M3
+    (pos,) = N["LuminaTextEncode"]().encode(te, "a red cat")
+    (neg,) = N["LuminaTextEncode"]().encode(te, "")
+    saver = N["LuminaSaveConditioning"]()
+    out = saver.save(pos, "lumina_cond/positive")
+    assert out["result"] == (pos,) and out["ui"]["text"] == ["lumina_cond/positive_00001_.safetensors [output]"]
+    saver.save(neg, "lumina_cond/negative")
+    assert saver.save(neg, "lumina_cond/negative")["ui"]["text"] == ["lumina_cond/negative_00002_.safetensors [output]"]
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "notes.txt").write_text("not listed")
+    listed = N["LuminaLoadConditioning"].INPUT_TYPES()["required"]["conditioning_file"][0]
+    assert listed == [f"lumina_cond/{n}_0000{i}_.safetensors [output]"
+                      for n, i in (("negative", 1), ("negative", 2), ("positive", 1))]
+    (loaded,) = N["LuminaLoadConditioning"]().load("lumina_cond/positive_00001_.safetensors [output]")
+    (feats, extras), = loaded
+    assert torch.equal(feats, pos[0][0]) and torch.equal(extras["attention_mask"], pos[0][1]["attention_mask"])
+    assert extras[PROMPT_KEY] == "a red cat" and extras[FAMILY_KEY] == "lumina_t2i"
+    (loaded_neg,) = N["LuminaLoadConditioning"]().load("lumina_cond/negative_00001_.safetensors [output]")
+    (latent,) = N["LuminaEmptyLatent"]().generate("custom", 32, 32, 1)
+    args = (latent, 4, 2, 4.0, "euler", 4.0, 1.0, "t2i", "faithful")
+    (fresh,) = N["LuminaSampler"]().sample(model, pos, neg, *args)
+    (again,) = N["LuminaSampler"]().sample(model, loaded, loaded_neg, *args)
+    assert torch.isfinite(fresh["samples"]).all() and torch.equal(fresh["samples"], again["samples"])
+
+
+def test_save_node_refuses_conditioning_of_another_text_encoder(node_models):
+    from nodes import NODE_CLASS_MAPPINGS as N
+
+    clip = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    with pytest.raises(ValueError, match="made by Lumina Text Encode; got a conditioning from another text encoder"):
+        N["LuminaSaveConditioning"]().save(clip, "x")
