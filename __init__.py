@@ -15,6 +15,8 @@ if _HERE not in sys.path:
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
+# Frontend extension: the upload button of Lumina Load Conditioning.
+WEB_DIRECTORY = "./web"
 
 try:
     import comfy.utils  # noqa: F401  (only to tell whether this runs inside ComfyUI)
@@ -23,4 +25,4 @@ except ImportError:
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,5 +1,5 @@
-"""Command line: `python -m lumina_core convert IN OUT --dtype bf16`, `python -m lumina_core demo` and
-`python -m lumina_core generate --dit ... --llama ... --vae ... --prompt ... --out DIR`."""
+"""Command line: `python -m lumina_core convert IN OUT --dtype bf16|fp8_e4m3fn|...`, `python -m lumina_core demo`
+and `python -m lumina_core generate --dit ... --llama ... --vae ... --prompt ... --out DIR`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import time
 
 
 def _convert(args) -> int:
-    from .checkpoint import DTYPES, CheckpointError, convert_checkpoint
+    from .casting import dtype_from_name
+    from .checkpoint import CheckpointError, convert_checkpoint
 
     start = time.perf_counter()
 
@@ -20,8 +21,8 @@ def _convert(args) -> int:
             sys.stderr.flush()
 
     try:
-        config = convert_checkpoint(args.input, args.output, dtype=DTYPES[args.dtype], progress=progress)
-    except CheckpointError as err:
+        config = convert_checkpoint(args.input, args.output, dtype=dtype_from_name(args.dtype), progress=progress)
+    except (CheckpointError, ValueError) as err:
         sys.stderr.write(f"\nerror: {err}\n")
         return 2
     sys.stderr.write("\n")
@@ -33,6 +34,8 @@ def _convert(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .casting import DTYPE_NAMES
+
     parser = argparse.ArgumentParser(prog="python -m lumina_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -43,7 +46,8 @@ def main(argv=None) -> int:
     )
     conv.add_argument("input", help="e.g. consolidated.00-of-01.safetensors (the fp32 release)")
     conv.add_argument("output", help="e.g. ComfyUI/models/diffusion_models/lumina_t2i_5b_bf16.safetensors")
-    conv.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    conv.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16",
+                      help="fp8_e4m3fn/fp8_e5m2 store the linear weights in fp8 and the rest (0.3%%) in bf16")
     conv.set_defaults(func=_convert)
 
     from .demo import add_demo_parser

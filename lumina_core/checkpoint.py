@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from .casting import CAST_OPERATIONS, DTYPES, fp8_compute_dtype, is_fp8, storage_dtypes
 from .config import FlagDiTConfig
 from .model import FlagDiT
 from .tensor_io import WeightsFileError, open_tensor_file, write_safetensors
@@ -26,11 +27,9 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "module.")
 _ANCHOR = "x_embedder.weight"
 
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
+__all__ = ["DTYPES", "CheckpointError", "convert_checkpoint", "load_flag_dit", "read_flag_dit_config", "save_flag_dit"]
+# Small tensors (norms, biases, tokens) of an fp8 file are written in bf16: see lumina_core.casting.
+FP8_FILE_OTHER_DTYPE = torch.bfloat16
 
 
 class CheckpointError(WeightsFileError):
@@ -217,26 +216,38 @@ def load_flag_dit(
     device="cpu",
     operations=None,
 ) -> FlagDiT:
-    """Load a Lumina-T2I Flag-DiT from .safetensors (memory-mapped) or a weights-only pickle.
+    """Load a Lumina-T2I Flag-DiT from .safetensors (positioned reads) or a weights-only pickle.
 
-    dtype None keeps the file's dtype. operations: a namespace of layer classes (ComfyUI passes `comfy.ops`).
+    dtype None keeps the file's dtype. An fp8 dtype stores the linear weights in fp8 (cast straight from the file's
+    dtype, never through bf16) and everything else in the compute dtype, which `model.compute_dtype` records: bf16,
+    or fp32 on a CPU without bf16. operations: a namespace of layer classes (ComfyUI passes `comfy.ops`); for fp8
+    without one, the core's casting layers are used.
     """
     start = time.perf_counter()
     src, prefix, config = _open_flag_dit(path)
+    if dtype is None and is_fp8(src.dtype(prefix + "layers.0.attention.wq.weight")):
+        dtype = src.dtype(prefix + "layers.0.attention.wq.weight")
+    fp8 = is_fp8(dtype)
+    compute_dtype = fp8_compute_dtype(device) if fp8 else None
+    if fp8 and operations is None:
+        operations = CAST_OPERATIONS
     with torch.device("meta"):
         model = FlagDiT(config, operations=operations, dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_keys(path, expected, (k[len(prefix):] for k in src.keys if k.startswith(prefix)))
+    targets = storage_dtypes(model, dtype, compute_dtype) if dtype is not None else {}
 
     state = {}
     for key, shape in expected.items():
         tensor = src.get(prefix + key)
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {shape}")
-        state[key] = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+        state[key] = tensor.to(device=device, dtype=targets.get(key, tensor.dtype))
         del tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
+    if fp8:
+        model.compute_dtype = compute_dtype
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "Loaded Lumina-T2I Flag-DiT from %s: %.2fB parameters, dim %d, %d layers, %s on %s in %.1f s",
@@ -244,7 +255,8 @@ def load_flag_dit(
         n_params / 1e9,
         config.dim,
         config.n_layers,
-        str(dtype).replace("torch.", "") if dtype is not None else "file dtype",
+        (str(dtype).replace("torch.", "") if dtype is not None else "file dtype")
+        + (f" (computed in {str(compute_dtype).replace('torch.', '')})" if fp8 else ""),
         device,
         time.perf_counter() - start,
     )
@@ -257,12 +269,13 @@ def read_flag_dit_config(path) -> FlagDiTConfig:
 
 
 def save_flag_dit(model: FlagDiT, path, *, dtype: Optional[torch.dtype] = None):
-    """Write a Flag-DiT as safetensors in the released key layout."""
+    """Write a Flag-DiT as safetensors in the released key layout (fp8: linear weights fp8, the rest bf16)."""
     state = model.state_dict()
+    targets = storage_dtypes(model, dtype, FP8_FILE_OTHER_DTYPE) if dtype is not None else {}
     write_safetensors(
         path,
-        ((k, v if dtype is None else v.to(dtype)) for k, v in state.items()),
-        shapes={k: (tuple(v.shape), dtype or v.dtype) for k, v in state.items()},
+        ((k, v) for k, v in state.items()),
+        shapes={k: (tuple(v.shape), targets.get(k, v.dtype)) for k, v in state.items()},
         metadata={"format": "pt", "model": "lumina-t2i-flag-dit"},
     )
 
@@ -272,14 +285,17 @@ def convert_checkpoint(
 ) -> FlagDiTConfig:
     """Rewrite a released Flag-DiT checkpoint (safetensors or .pth) as an unprefixed safetensors file in `dtype`.
 
-    Streams tensor by tensor: memory stays at about one tensor, whatever the file size.
+    Streams tensor by tensor: memory stays at about one tensor, whatever the file size. An fp8 dtype applies to the
+    linear weights; the other tensors (norms, biases, tokens: 0.3% of the 5B) are written in bf16.
     """
     src_path, dst_path = Path(src_path), Path(dst_path)
     if dst_path.exists() and dst_path.resolve() == src_path.resolve():
         raise CheckpointError(f"output {dst_path} is the input file; choose another output name")
     src, prefix, config = _open_flag_dit(src_path)
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in FlagDiT(config).state_dict().items()}
+        meta_model = FlagDiT(config)
+    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    targets = storage_dtypes(meta_model, dtype, FP8_FILE_OTHER_DTYPE)
     _check_keys(src_path, expected, (k[len(prefix):] for k in src.keys if k.startswith(prefix)))
     total = len(expected)
 
@@ -292,7 +308,7 @@ def convert_checkpoint(
     write_safetensors(
         dst_path,
         tensors(),
-        shapes={k: (s, dtype) for k, s in expected.items()},
+        shapes={k: (s, targets[k]) for k, s in expected.items()},
         metadata={"format": "pt", "model": "lumina-t2i-flag-dit", "converted_from": src_path.name},
     )
     return config

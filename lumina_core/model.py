@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .casting import is_fp8
 from .config import FlagDiTConfig
 from .layers import (
     FP32LayerNorm,
@@ -26,9 +27,6 @@ from .layers import (
     rope_cos_sin,
     timestep_embedding,
 )
-
-# Storage-only dtypes (ComfyUI can keep weights in fp8 and cast per layer); they are never a compute dtype.
-_STORAGE_ONLY = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 
 
 @dataclass
@@ -202,7 +200,7 @@ class FlagDiT(nn.Module):
         if self.compute_dtype is not None:
             return self.compute_dtype
         dtype = self.x_embedder.weight.dtype
-        return torch.bfloat16 if dtype in _STORAGE_ONLY else dtype
+        return torch.bfloat16 if is_fp8(dtype) else dtype  # fp8 is storage only, never a compute dtype
 
     def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
         """Caption pooling and embedding, and every layer's text keys and values."""

@@ -31,11 +31,11 @@ _ST_DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_ST_DTYPES = {name: dtype for dtype, name in _ST_DTYPE_NAMES.items()}
-_ST_DTYPES.update({"I16": torch.int16, "I8": torch.int8})
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
+        _ST_DTYPE_NAMES[getattr(torch, _attr)] = _name
+_ST_DTYPES = {name: dtype for dtype, name in _ST_DTYPE_NAMES.items()}
+_ST_DTYPES.update({"I16": torch.int16, "I8": torch.int8})
 
 
 class SafetensorsFile:
@@ -100,6 +100,9 @@ class SafetensorsFile:
     def offset(self, key: str) -> int:
         return self._entries[key][2]
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
     def get(self, key: str) -> torch.Tensor:
         """A fresh tensor (not a view of the file) with the stored dtype and shape."""
         dtype, shape, start, end = self._entries[key]
@@ -129,6 +132,9 @@ class PickleFile:
 
     def shape(self, key: str) -> tuple:
         return tuple(self._sd[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._sd[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
         return self._sd[key]

@@ -8,6 +8,10 @@ Loading follows the meta-device pattern of flux's `load_flow_model`: the model i
 tensor is read on its own from its (memory-mapped) file and cast to the target dtype as it is read, then assigned
 with `load_state_dict(strict=True, assign=True)`, so the peak memory is about one copy of the weights in the target
 dtype. `lm_head.weight` of a `LlamaForCausalLM` checkpoint is never read.
+
+With an fp8 dtype the linear layers of the meta model are swapped for casting layers before any weight is read
+(`lumina_core.casting`): their weights are stored in fp8 and cast per layer; the embedding and the norms are kept in
+the compute dtype, which is then also the dtype of the hidden states.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
+from .casting import CastLinear, fp8_compute_dtype, is_fp8, storage_dtypes, swap_linear_layers
 from .tensor_io import SafetensorsFile
 
 logger = logging.getLogger(__name__)
@@ -87,6 +92,7 @@ class LlamaTextEncoder:
         self.tokenizer = tokenizer
         self.folder = folder
         self.hidden_size = int(model.config.hidden_size)
+        self.storage_dtype = self.dtype  # the linear weights' dtype (fp8 when loaded so); `dtype` is the compute dtype
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +100,7 @@ class LlamaTextEncoder:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the hidden states)."""
         return self.model.embed_tokens.weight.dtype
 
     def to(self, device) -> LlamaTextEncoder:
@@ -101,11 +108,27 @@ class LlamaTextEncoder:
         return self
 
     @classmethod
-    def from_folder(cls, path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> LlamaTextEncoder:
-        """Load a Hugging Face LLaMA folder (LlamaModel or LlamaForCausalLM weights) as published."""
+    def from_folder(
+        cls,
+        path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device="cpu",
+        compute_dtype: torch.dtype | None = None,
+        linear_cls=None,
+    ) -> LlamaTextEncoder:
+        """Load a Hugging Face LLaMA folder (LlamaModel or LlamaForCausalLM weights) as published.
+
+        dtype: the storage dtype; an fp8 dtype keeps the linear weights in fp8, computed in `compute_dtype` (default
+        bf16, or fp32 on a CPU without bf16). linear_cls: the casting linear layer used for fp8 (default the core's
+        CastLinear; ComfyUI passes its own), or, when given for another dtype, for every linear layer.
+        """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
         device = torch.device(device)
+        fp8 = is_fp8(dtype)
+        if compute_dtype is None:
+            compute_dtype = fp8_compute_dtype(device) if fp8 else dtype
         start = time.perf_counter()
         folder = os.fspath(path)
         _check_folder(folder)
@@ -127,19 +150,22 @@ class LlamaTextEncoder:
         # Parameters on the meta device cost nothing; every real tensor comes from the files below.
         with torch.device("meta"):
             model = LlamaModel(config)
+        if fp8 or linear_cls is not None:
+            swap_linear_layers(model, linear_cls or CastLinear)
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         sources = _index_weights(folder, files, expected)
-        state_dict = _read_weights(sources, dtype, device)
+        state_dict = _read_weights(sources, storage_dtypes(model, dtype, compute_dtype), device)
         model.load_state_dict(state_dict, strict=True, assign=True)
         del state_dict
         _rebuild_rotary_buffers(model, device)
         model.eval().requires_grad_(False)
 
         encoder = cls(model, tokenizer, folder)
+        encoder.storage_dtype = dtype
         logger.info(
             "Loaded LLaMA text encoder from %s: %s on %s, %s parameters (hidden size %d, %d layers) in %.1f s",
             folder,
-            str(dtype).removeprefix("torch."),
+            str(dtype).removeprefix("torch.") + (f" computed in {str(compute_dtype).removeprefix('torch.')}" if fp8 else ""),
             device,
             f"{sum(p.numel() for p in model.parameters()):,}",
             encoder.hidden_size,
@@ -421,31 +447,31 @@ def _tensor_shapes(path: str) -> list[tuple[str, tuple]]:
     return [(k, st.shape(k)) for k in st.keys]
 
 
-def _read_weights(sources: dict[str, tuple[str, str]], dtype: torch.dtype, device: torch.device) -> dict:
-    """Read every tensor once, cast it to dtype on device as it is read, one tensor in flight at a time."""
+def _read_weights(sources: dict[str, tuple[str, str]], dtypes: dict[str, torch.dtype], device: torch.device) -> dict:
+    """Read every tensor once, cast it to its dtype (dtypes[name]) on device as it is read, one at a time."""
     by_file: dict[str, list[tuple[str, str]]] = {}
     for name, (path, key) in sources.items():
         by_file.setdefault(path, []).append((name, key))
     state_dict = {}
     for path, entries in by_file.items():
         read = _read_bin_file if path.endswith(".bin") else _read_safetensors_file
-        read(path, entries, dtype, device, state_dict)
+        read(path, entries, dtypes, device, state_dict)
     return state_dict
 
 
-def _read_bin_file(path: str, entries, dtype: torch.dtype, device: torch.device, state_dict: dict) -> None:
+def _read_bin_file(path: str, entries, dtypes: dict, device: torch.device, state_dict: dict) -> None:
     # One mapping per file: its pages stay mapped until the file's last tensor is copied, but they are clean file
     # pages the kernel can drop under pressure, not a second copy in memory.
     stored = _load_bin(path)
     for name, key in entries:
-        state_dict[name] = _copy_as(stored.pop(key), dtype, device)
+        state_dict[name] = _copy_as(stored.pop(key), dtypes[name], device)
 
 
-def _read_safetensors_file(path: str, entries, dtype: torch.dtype, device: torch.device, state_dict: dict) -> None:
+def _read_safetensors_file(path: str, entries, dtypes: dict, device: torch.device, state_dict: dict) -> None:
     # Positioned reads in file order, one tensor at a time (tensor_io explains why not a memory map).
     st = SafetensorsFile(Path(path), error=TextEncoderError)
     for name, key in sorted(entries, key=lambda entry: st.offset(entry[1])):
-        state_dict[name] = _copy_as(st.get(key), dtype, device, True)  # owned: a fresh read buffer
+        state_dict[name] = _copy_as(st.get(key), dtypes[name], device, True)  # owned: a fresh read buffer
 
 
 def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, owned: bool = False) -> torch.Tensor:

@@ -3,6 +3,7 @@
 Importing this package does not need ComfyUI: the nodes then run on plain Python (see `comfy_glue`).
 """
 
+from .conditioning import LuminaLoadConditioning, LuminaSaveConditioning
 from .latent import LuminaEmptyLatent
 from .loaders import LuminaFlagDiTLoader, LuminaLlamaLoader
 from .sampling import LuminaCFGGuider, LuminaODESampler, LuminaSampler, LuminaSigmas
@@ -17,6 +18,8 @@ _NODES = (
     (LuminaODESampler, "Lumina ODE Sampler"),
     (LuminaCFGGuider, "Lumina CFG Guider"),
     (LuminaEmptyLatent, "Lumina Empty Latent"),
+    (LuminaSaveConditioning, "Lumina Save Conditioning"),
+    (LuminaLoadConditioning, "Lumina Load Conditioning"),
 )
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in _NODES}

@@ -17,12 +17,15 @@ import json
 import logging
 import math
 import os
+import re
 import types
 from typing import Optional
 
 import torch
 
-from lumina_core.checkpoint import DTYPES, load_flag_dit, read_flag_dit_config
+from lumina_core.casting import dtype_from_name, is_fp8
+from lumina_core.checkpoint import load_flag_dit, read_flag_dit_config
+from lumina_core.conditioning import is_conditioning_file
 from lumina_core.model import FlagDiT
 from lumina_core.text_encoder import LlamaTextEncoder
 
@@ -38,6 +41,7 @@ try:
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
+    import comfy.ops
     import comfy.patcher_extension
     import comfy.sample
     import comfy.samplers
@@ -161,7 +165,7 @@ def intermediate_dtype() -> torch.dtype:
 
 def _plain_dtype(choice: str) -> torch.dtype:
     # Outside ComfyUI "auto" is bf16, the dtype Lumina-T2I was trained and released for use in.
-    return torch.bfloat16 if choice == "auto" else DTYPES[choice]
+    return torch.bfloat16 if choice == "auto" else dtype_from_name(choice)
 
 
 def check_interrupted() -> None:
@@ -189,21 +193,24 @@ class LuminaTextEncoderHandle:
         self.patcher = patcher
 
 
-# ComfyUI's command-line text encoder dtypes that a torch.nn LlamaModel can compute in (not its fp8 ones).
+# ComfyUI's command-line text encoder dtypes, in the order ComfyUI itself checks them (fp8: storage, computed in
+# bf16 or fp32 through casting layers).
 _TEXT_ENCODER_FLAGS = (
-    ("fp32_text_enc", torch.float32),
-    ("bf16_text_enc", torch.bfloat16),
-    ("fp16_text_enc", torch.float16),
+    ("fp8_e4m3fn_text_enc", "fp8_e4m3fn"),
+    ("fp8_e5m2_text_enc", "fp8_e5m2"),
+    ("fp32_text_enc", "fp32"),
+    ("bf16_text_enc", "bf16"),
+    ("fp16_text_enc", "fp16"),
 )
 
 
 def _text_encoder_dtype(choice: str, load_device: torch.device) -> torch.dtype:
     if choice != "auto":
-        return DTYPES[choice]
+        return dtype_from_name(choice)
     args = comfy.cli_args.args
-    for flag, dtype in _TEXT_ENCODER_FLAGS:
+    for flag, name in _TEXT_ENCODER_FLAGS:
         if getattr(args, flag, False):
-            return dtype
+            return dtype_from_name(name)
     mm = comfy.model_management
     if mm.should_use_bf16(load_device, prioritize_performance=False):
         return torch.bfloat16
@@ -218,9 +225,17 @@ def load_text_encoder(folder: str, dtype_choice: str) -> LuminaTextEncoderHandle
     mm = comfy.model_management
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = _text_encoder_dtype(dtype_choice, load_device)
-    encoder = LlamaTextEncoder.from_folder(folder, dtype=dtype, device=offload_device)
-    # The plain (not dynamic-VRAM) patcher: LlamaModel is built from torch.nn layers, not comfy.ops, and is moved
-    # to the GPU whole for encoding and back when the DiT needs the memory.
+    compute_dtype = None
+    if is_fp8(dtype):
+        compute_dtype = torch.bfloat16 if mm.should_use_bf16(load_device, prioritize_performance=False) else torch.float32
+    # The linear layers (all but 0.1% of LLaMA's weights) become comfy.ops layers: they cast fp8 weights per layer,
+    # and ComfyUI's low-VRAM mode can keep some of them in system memory and stream them in.
+    linear_cls = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device).Linear
+    encoder = LlamaTextEncoder.from_folder(
+        folder, dtype=dtype, device=offload_device, compute_dtype=compute_dtype, linear_cls=linear_cls
+    )
+    # ModelPatcher moves the encoder to the GPU for encoding (partly, in low-VRAM mode) and back when the DiT needs
+    # the memory.
     patcher = comfy.model_patcher.ModelPatcher(
         LuminaLlamaModule(encoder.model), load_device=load_device, offload_device=offload_device
     )
@@ -321,7 +336,7 @@ def load_flag_dit_model(path: str, dtype_choice: str):
         supported = LuminaT2IConfig.supported_inference_dtypes
         dtype = mm.unet_dtype(model_params=_parameter_count(config), supported_dtypes=supported)
     else:
-        dtype = DTYPES[dtype_choice]
+        dtype = dtype_from_name(dtype_choice)
     manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, LuminaT2IConfig.supported_inference_dtypes)
     model_config = LuminaT2IConfig({"dit_config": config})
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
@@ -440,3 +455,65 @@ def cfg_guider(model, positive, negative, cfg: float, guidance: str, extrapolati
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     return guider
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saved conditioning files (Lumina Save / Load Conditioning)
+
+CONDITIONING_SUFFIX = ".safetensors"
+_OUTPUT_TAG = " [output]"
+
+
+def output_directory() -> str:
+    if IN_COMFYUI:
+        return folder_paths.get_output_directory()
+    return os.environ.get("LUMINA_OUTPUT_DIR", "output")
+
+
+def input_directory() -> str:
+    if IN_COMFYUI:
+        return folder_paths.get_input_directory()
+    return os.environ.get("LUMINA_INPUT_DIR", "input")
+
+
+def conditioning_save_path(prefix: str) -> tuple[str, str]:
+    """(full path, name relative to the output folder) of the next `<prefix>_NNNNN_.safetensors`."""
+    out = output_directory()
+    if IN_COMFYUI:
+        folder, base, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out)
+    else:
+        subfolder, base = os.path.split(_safe_relative(prefix))
+        folder = os.path.join(out, subfolder)
+        os.makedirs(folder, exist_ok=True)
+        taken = [int(m.group(1)) for f in os.listdir(folder)
+                 if (m := re.fullmatch(re.escape(base) + r"_(\d+)_\.safetensors", f))]
+        counter = max(taken, default=0) + 1
+    os.makedirs(folder, exist_ok=True)
+    name = f"{base}_{counter:05}_{CONDITIONING_SUFFIX}"
+    return os.path.join(folder, name), "/".join(p for p in (subfolder, name) if p)
+
+
+def conditioning_file_names() -> list[str]:
+    """Loadable encodings: every .safetensors at the top of the input folder (uploads), and the saved Lumina
+    conditionings anywhere under the output folder, tagged " [output]" as ComfyUI's annotated names are."""
+    names = []
+    inp = input_directory()
+    if os.path.isdir(inp):
+        names += sorted(f for f in os.listdir(inp)
+                        if f.endswith(CONDITIONING_SUFFIX) and os.path.isfile(os.path.join(inp, f)))
+    out = output_directory()
+    found = []
+    for dirpath, _dirs, files in os.walk(out):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            if f.endswith(CONDITIONING_SUFFIX) and is_conditioning_file(path):
+                found.append(os.path.relpath(path, out).replace(os.sep, "/") + _OUTPUT_TAG)
+    return names + sorted(found)
+
+
+def conditioning_file_path(name: str) -> str:
+    if IN_COMFYUI:
+        return folder_paths.get_annotated_filepath(name)
+    if name.endswith(_OUTPUT_TAG):
+        return os.path.join(output_directory(), _safe_relative(name[: -len(_OUTPUT_TAG)]))
+    return os.path.join(input_directory(), _safe_relative(name))

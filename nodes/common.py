@@ -9,13 +9,19 @@ from typing import Optional
 
 import torch
 
+from lumina_core.casting import DTYPE_NAMES
+from lumina_core.conditioning import T2I_FAMILY, check_family
 from lumina_core.latent import LATENT_CHANNELS
 
 # Conditioning made by Lumina Text Encode carries this key (value True) next to its attention mask.
 LUMINA_MARKER = "lumina_t2i_llama"
+# ... and the text-encoder family (absent: Lumina-T2I) and the prompt, for Lumina Save Conditioning.
+FAMILY_KEY = "lumina_family"
+PROMPT_KEY = "lumina_prompt"
 TEXT_ENCODER_TYPE = "LUMINA_TEXT_ENCODER"
 
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+# Weight dtypes of every loader: fp8 stores the weights in 8 bits and computes in bf16 (fp32 on the CPU).
+DTYPE_CHOICES = ("auto",) + DTYPE_NAMES
 PIXEL_MULTIPLE = 16  # patch size 2 x VAE factor 8
 VAE_FACTOR = 8
 MIN_SIZE = 32  # smaller images leave the Flag-DiT too few tokens to be of any use
@@ -36,12 +42,19 @@ _KNOWN_WIDTHS = {
 }
 
 
-def make_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
-    """Standard ComfyUI CONDITIONING: [[features [B,L,D], {"attention_mask": [B,L] bool, marker}]]."""
-    return [[features, {"attention_mask": mask.bool(), LUMINA_MARKER: True}]]
+def make_conditioning(
+    features: torch.Tensor, mask: torch.Tensor, *, prompt: Optional[str] = None, family: str = T2I_FAMILY
+) -> list:
+    """Standard ComfyUI CONDITIONING: [[features [B,L,D], {"attention_mask": [B,L] bool, marker, family, prompt}]]."""
+    extras = {"attention_mask": mask.bool(), LUMINA_MARKER: True, FAMILY_KEY: family}
+    if prompt is not None:
+        extras[PROMPT_KEY] = prompt
+    return [[features, extras]]
 
 
-def text_from_conditioning(conditioning, cap_feat_dim: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+def text_from_conditioning(
+    conditioning, cap_feat_dim: int, which: str, *, family: str = T2I_FAMILY
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, mask) of a Lumina conditioning, refusing anything else with a message naming the fix."""
     if not conditioning:
         raise ValueError(f"The {which} conditioning is empty: connect {_TEXT_NODE}.")
@@ -59,6 +72,9 @@ def text_from_conditioning(conditioning, cap_feat_dim: int, which: str) -> tuple
             f"The {which} conditioning was not made by Lumina Text Encode: it holds {width}-wide features, which "
             f"looks like {guess}. Lumina-T2I needs LLaMA-2-7B features: connect {_TEXT_NODE}."
         )
+    if extras.get(FAMILY_KEY, T2I_FAMILY) != family:
+        check_family({"family": extras[FAMILY_KEY], "width": width}, family=family, width=cap_feat_dim,
+                     source=f"The {which} conditioning")
     if width != cap_feat_dim:
         raise ValueError(
             f"The {which} conditioning has {width}-wide features but this Flag-DiT expects {cap_feat_dim} "

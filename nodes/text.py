@@ -34,4 +34,4 @@ class LuminaTextEncode:
     )
 
     def encode(self, text_encoder, text):
-        return (make_conditioning(*comfy_glue.encode_text(text_encoder, text)),)
+        return (make_conditioning(*comfy_glue.encode_text(text_encoder, text), prompt=text),)

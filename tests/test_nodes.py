@@ -31,6 +31,8 @@ EXPECTED_NODES = {
     "LuminaEmptyLatent",
     "LuminaODESampler",
     "LuminaCFGGuider",
+    "LuminaSaveConditioning",
+    "LuminaLoadConditioning",
 }
 PROMPT = "a red cat sat on the mat"
 

@@ -28,6 +28,11 @@ KNOWN = {**CORE_NODES, **PACK}
 # Combo inputs listing model files: the workflows must use the README's names.
 MODEL_FILES = {("LuminaFlagDiTLoader", "dit_name"): DIT_NAME, ("LuminaLlamaLoader", "llama_folder"): LLAMA_NAME,
                ("VAELoader", "vae_name"): VAE_NAME}
+# Saved encodings a workflow loads must be the first files some workflow's Lumina Save Conditioning writes.
+SAVED_CONDITIONING = {
+    f"{n['widgets_values'][0]}_00001_.safetensors [output]"
+    for wf in WORKFLOWS.values() for n in wf["nodes"] if n["type"] == "LuminaSaveConditioning"
+}
 
 
 def _nodes(wf, type_=None):
@@ -127,6 +132,8 @@ def test_widget_values_within_declared_limits(name):
             value = values[input_name]
             if (type_, input_name) in MODEL_FILES:
                 assert value == MODEL_FILES[(type_, input_name)], where
+            elif (type_, input_name) == ("LuminaLoadConditioning", "conditioning_file"):
+                assert value in SAVED_CONDITIONING, where
             else:
                 _check_value(where, kind, opts, value)
             i += 1
@@ -157,6 +164,10 @@ def test_samplers_take_lumina_text_and_models(name):
         assert _source(wf, node, "model")["type"] == "LuminaFlagDiTLoader"
         for which in ("positive", "negative"):
             encode = _source(wf, node, which)
+            if encode["type"] == "LuminaLoadConditioning":  # a saved encoding: no text encoder in this workflow
+                continue
+            if encode["type"] == "LuminaSaveConditioning":  # passes the encoding through while saving it
+                encode = _source(wf, encode, "conditioning")
             assert encode["type"] == "LuminaTextEncode"
             assert _source(wf, encode, "text_encoder")["type"] == "LuminaLlamaLoader"
     for node in _nodes(wf, "VAEDecode") + _nodes(wf, "VAEEncode"):

@@ -212,6 +212,13 @@ def main() -> int:
         cast = cfg.ffn_hidden_dim * cfg.dim * BF16
         ph8 = dict(encode=ph["encode"], sample=CONTEXT + dit_fp8 + cast + sampling_extra,
                    decode=CONTEXT + vae_w + a["vae"])
+        # 3b. fp8 DiT and fp8 LLaMA (linear weights fp8, embedding and norms bf16; one layer's largest matrix
+        #     cast to bf16 at a time), encoder offloaded.
+        h, f_ = LLAMA["hidden"], LLAMA["ffn"]
+        llama_fp8 = (llama - LLAMA["vocab"] * h) * FP8 + LLAMA["vocab"] * h * BF16
+        ph88 = dict(encode=CONTEXT + llama_fp8 + h * f_ * BF16 + encode, sample=ph8["sample"], decode=ph8["decode"])
+        # 3c. saved encodings: no text encoder is loaded at all.
+        saved = dict(sample=ph8["sample"], decode=ph8["decode"])
         # 4. low VRAM: nothing resident but what the step needs: one block (DiT) or one layer (LLaMA) in flight,
         #    double-buffered; the VAE decodes in tiles.
         low = dict(encode=CONTEXT + 2 * llama_layer_bytes(BF16) + LLAMA["vocab"] * LLAMA["hidden"] * BF16 + encode,
@@ -221,8 +228,11 @@ def main() -> int:
                      f"**{gb(all_gpu)}**"])
         for label, phases in (("encoder offloaded after encoding (ComfyUI memory manager)", ph),
                               ("fp8 DiT, encoder offloaded", ph8),
+                              ("fp8 DiT + fp8 encoder, encoder offloaded", ph88),
+                              ("saved encodings + fp8 DiT (no text encoder)", saved),
                               ("low-VRAM partial loading (minimum: one block / layer in flight, tiled VAE)", low)):
-            plan.append([f"{size}x{size}", label, gb(phases["encode"]), gb(phases["sample"]), gb(phases["decode"]),
+            plan.append([f"{size}x{size}", label, gb(phases["encode"]) if "encode" in phases else "-",
+                         gb(phases["sample"]), gb(phases["decode"]),
                          f"**{gb(max(phases.values()))}**"])
     print("\nPeak GPU memory per setting (GB, ESTIMATES to be measured on a GPU; includes 0.5 GB CUDA context):\n")
     print(table(["image", "setting", "encode phase", "sampling phase", "VAE decode phase", "peak"], plan))
