@@ -82,6 +82,8 @@ class LlamaTextEncoder:
     parameters are.
     """
 
+    family = "lumina_t2i"
+
     def __init__(self, model: LlamaModel, tokenizer, folder: str):
         self.model = model
         self.tokenizer = tokenizer

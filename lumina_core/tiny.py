@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, LlamaTokenizerFast
 
 from .checkpoint import save_flag_dit
-from .config import FlagDiTConfig
+from .config import FlagDiTConfig, NextDiTConfig
 from .model import FlagDiT, init_random_weights
 
 
@@ -27,6 +27,28 @@ def make_tiny_flag_dit(seed: int = 0, **overrides) -> FlagDiT:
 def write_tiny_flag_dit(path, seed: int = 0, **overrides) -> Path:
     path = Path(path)
     save_flag_dit(make_tiny_flag_dit(seed, **overrides), path)
+    return path
+
+
+def make_tiny_next_dit(seed: int = 0, **overrides):
+    """A NextDiTConfig.tiny() model (grouped-query, cap_feat_dim 32) with every parameter random, norms near 1."""
+    from .next_dit import NextDiT
+
+    model = init_random_weights(NextDiT(NextDiTConfig.tiny(**overrides)), seed)
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "y_norm.weight")):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+    return model.eval().requires_grad_(False)
+
+
+def write_tiny_next_dit(path, seed: int = 0, layout: str = "original", **overrides) -> Path:
+    """A tiny Next-DiT checkpoint in the original or the diffusers key layout."""
+    from .next_dit_checkpoint import save_next_dit
+
+    path = Path(path)
+    save_next_dit(make_tiny_next_dit(seed, **overrides), path, layout=layout)
     return path
 
 
