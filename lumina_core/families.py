@@ -312,12 +312,11 @@ def load_text_encoder(folder, *, dtype: torch.dtype = torch.bfloat16, device="cp
     return family.text_encoder_class().from_folder(os.fspath(folder), dtype=dtype, device=device)
 
 
-def check_same_family(dit, encoder_family: Family, what: str = "text conditioning") -> None:
-    """Refuse a DiT of one family with text of another, naming the encoder the DiT needs."""
-    dit_family = family_of(dit)
-    if dit_family.name != encoder_family.name:
+def check_same_family(dit_family: Family, text_family: Family, what: str = "text conditioning") -> None:
+    """Refuse text of one family for a DiT of another, naming the text encoder the DiT needs."""
+    if dit_family.name != text_family.name:
         raise ValueError(
-            f"The {what} comes from {encoder_family.text_encoder_title} ({encoder_family.title}), but the model is a "
+            f"The {what} comes from {text_family.text_encoder_title} ({text_family.title}), but the model is a "
             f"{dit_family.title} {dit_family.dit_title}, which needs {dit_family.text_encoder_title} features: load "
             f"{dit_family.text_encoder_source} with Lumina Load Text Encoder and encode the prompts with it."
         )

@@ -48,7 +48,7 @@ class LuminaSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "From Lumina Load Flag-DiT."}),
+                "model": ("MODEL", {"tooltip": "From Lumina Load DiT (or Lumina Load Flag-DiT)."}),
                 "positive": ("CONDITIONING", {"tooltip": "From Lumina Text Encode: the prompt."}),
                 "negative": (
                     "CONDITIONING",
@@ -119,8 +119,8 @@ class LuminaSampler:
         dit = comfy_glue.lumina_dit(model)
         raw = check_latent(latent_image)
         cap = dit.config.cap_feat_dim
-        cond = text_from_conditioning(positive, cap, "positive")
-        uncond = text_from_conditioning(negative, cap, "negative") if cfg != 1.0 else None
+        cond = text_from_conditioning(positive, cap, "positive", family=dit.family)
+        uncond = text_from_conditioning(negative, cap, "negative", family=dit.family) if cfg != 1.0 else None
         noise = sampling.make_noise(seed, raw.shape, latent_image.get("batch_index"))
         n_steps = len(sampling.time_grid(steps, shift, denoise)) - 1
         comfy_glue.check_interrupted()

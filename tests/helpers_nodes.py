@@ -17,6 +17,8 @@ WORKFLOWS = REPO / "workflows"
 # File names the README tells users to use.
 DIT_NAME = "lumina_t2i_5b_bf16.safetensors"
 LLAMA_NAME = "Llama-2-7b-hf"
+NEXT_DIT_NAME = "lumina_next_sft.safetensors"
+GEMMA_NAME = "gemma-2b"
 VAE_NAME = "sdxl_vae.safetensors"
 
 TINY_HIDDEN = 32  # tiny LLaMA hidden size = tiny Flag-DiT cap_feat_dim
