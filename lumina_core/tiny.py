@@ -126,10 +126,10 @@ def make_tiny_gemma_tokenizer():
     with Gemma's own pipeline (spaces replaced by "▁", no prefix space, byte fallback), as it does when loading
     google/gemma-2b's tokenizer.json.
     """
-    import json  # noqa: PLC0415
+    import json
 
-    from tokenizers import normalizers  # noqa: PLC0415
-    from transformers import GemmaTokenizer  # noqa: PLC0415
+    from tokenizers import normalizers
+    from transformers import GemmaTokenizer
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
@@ -180,14 +180,14 @@ def tiny_gemma_config_json(*, hidden_size: int = 32, n_layers: int = 3, vocab_si
 
 def make_tiny_gemma_folder(
     path,
-    *,
     hidden_size: int = 32,
-    n_layers: int = 3,
     seed: int = 0,
+    *,
+    n_layers: int = 3,
     safetensors: bool = True,
     max_shard_size: str | None = None,
-):
-    """Write a tiny Gemma folder at `path` (created if needed) in google/gemma-2b's layout and return `path`.
+) -> Path:
+    """Write a tiny Gemma folder at `path` (created if needed) in google/gemma-2b's layout and return it as a Path.
 
     Weights: `GemmaForCausalLM` keys (`model.*`; no lm_head, which is tied to the embedding), every parameter drawn
     from a generator seeded with `seed` (the norm weights too, which transformers initialises to zero).
@@ -196,18 +196,18 @@ def make_tiny_gemma_folder(
     Tokenizer: make_tiny_gemma_tokenizer(), with tokenizer_config.json saying add_bos_token true and add_eos_token
     false, as google/gemma-2b's does.
     """
-    import json  # noqa: PLC0415
+    import json
 
-    from transformers import GemmaConfig, GemmaForCausalLM  # noqa: PLC0415
+    from transformers import GemmaConfig, GemmaForCausalLM
 
     os.makedirs(path, exist_ok=True)
     tokenizer = make_tiny_gemma_tokenizer()
     config_json = tiny_gemma_config_json(hidden_size=hidden_size, n_layers=n_layers, vocab_size=TINY_VOCAB_SIZE)
-    config = GemmaConfig(**{k: v for k, v in config_json.items() if k not in ("architectures", "transformers_version")})
+    config = GemmaConfig(**{k: v for k, v in config_json.items() if k != "architectures"})
     model = GemmaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():  # lm_head is tied: not listed separately
+        for param in model.parameters():  # lm_head is tied to the embedding: not listed separately
             if param.ndim == 1:  # RMSNorm weights, applied as (1 + w)
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             else:
@@ -218,10 +218,7 @@ def make_tiny_gemma_folder(
     else:
         state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
         torch.save(state, os.path.join(path, "pytorch_model.bin"))
-    for leftover in ("generation_config.json",):
-        if os.path.exists(os.path.join(path, leftover)):
-            os.remove(os.path.join(path, leftover))
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:  # the released keys, not 5.x's
         json.dump(config_json, f, indent=2)
     tokenizer.save_pretrained(path)
     tokenizer_config_path = os.path.join(path, "tokenizer_config.json")
@@ -230,4 +227,4 @@ def make_tiny_gemma_folder(
     tokenizer_config.update(add_bos_token=True, add_eos_token=False)
     with open(tokenizer_config_path, "w", encoding="utf-8") as f:
         json.dump(tokenizer_config, f, indent=2)
-    return path
+    return Path(path)

@@ -484,3 +484,31 @@ def test_a_vocabulary_smaller_than_the_tokenizer(folders, tmp_path):
     _edit_json(folder / "config.json", vocab_size=100)
     with pytest.raises(TextEncoderError, match=r"tokens but config.json declares vocab_size=100"):
         GemmaTextEncoder.from_folder(folder)
+
+
+# --- the tiny folder ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_folder_has_the_released_layout_and_is_seeded(folders, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(folders["single"] / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert "model.embed_tokens.weight" in keys and "model.norm.weight" in keys and "lm_head.weight" not in keys
+    assert all(k.startswith("model.") for k in keys)
+    config = json.loads((folders["single"] / "config.json").read_text())
+    assert config["model_type"] == "gemma" and config["architectures"] == ["GemmaForCausalLM"]
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (BOS, EOS, PAD)
+    tokenizer = AutoTokenizer.from_pretrained(folders["single"])
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (BOS, EOS, PAD)
+    assert len(tokenizer) <= config["vocab_size"]
+
+    def embedding_of(folder):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            return f.get_tensor("model.embed_tokens.weight")
+
+    torch.testing.assert_close(embedding_of(make_tiny_gemma_folder(tmp_path / "again")), embedding, rtol=0, atol=0)
+    assert not torch.equal(embedding_of(make_tiny_gemma_folder(tmp_path / "seed1", seed=1)), embedding)
+    wide = make_tiny_gemma_folder(tmp_path / "wide", 48)
+    assert GemmaTextEncoder.from_folder(wide, dtype=torch.float32).hidden_size == 48
