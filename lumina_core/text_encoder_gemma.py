@@ -6,12 +6,13 @@ Follows the original `lumina_next_t2i` sampling code (`sample.py`/`demo.py` `enc
     inputs = tokenizer([prompt, negative], padding=True, pad_to_multiple_of=8, max_length=256, truncation=True)
     feats = AutoModel(gemma-2b)(input_ids, attention_mask, output_hidden_states=True).hidden_states[-2]
 
-so every prompt is [BOS] + tokens (no EOS, the released tokenizer_config.json's setting), cut to 256 ids, right
-padded with <pad> (id 0) to the longest prompt of the call rounded up to a multiple of 8; the features are the
-output of the second-to-last decoder layer (before the final norm), computed with the attention mask. The token
-mask is returned for the DiT's caption pooling and cross-attention. BOS, no EOS and right padding are applied
-here, not left to tokenizer flags, because transformers 5's GemmaTokenizer takes them from the folder's files and
-pads on the left by default.
+so every prompt is [BOS] + tokens, cut to 256 ids, right padded with <pad> (id 0) to the longest prompt of the
+call rounded up to a multiple of 8; the features are the output of the second-to-last decoder layer (before the
+final norm), computed with the attention mask. No EOS: google/gemma-2b's tokenizer_config.json says
+add_eos_token false, and the `add_eos=True` that sample.py passes is not a GemmaTokenizerFast argument (that one is
+`add_eos_token`), so it changes nothing. The token mask is returned for the DiT's caption pooling and
+cross-attention. BOS, no EOS and right padding are applied here, not left to tokenizer flags, because transformers
+5's GemmaTokenizer takes them from the folder's files and pads on the left by default.
 
 Loading shares lumina_core.text_encoder's machinery (meta-device model, one tensor at a time in the target dtype,
 positioned safetensors reads, `weights_only` pickles, clear errors for LFS pointers, truncated files, missing

@@ -230,6 +230,38 @@ def test_single_prompt_features_equal_the_joint_call_on_real_tokens(encoder):
     assert torch.isfinite(joint).all()  # padded rows too: the masked mean of the DiT multiplies them by 0
 
 
+def test_prompt_and_negative_encoded_apart_give_the_dit_the_joint_calls_input(encoder):
+    """What a node does (one encode per prompt, then zero right-padding to a common length with mask False, as
+    sampling.batch_text does) equals the original's joint call wherever the DiT looks: the masked mean it pools
+    and cross-attention with the padded keys masked out."""
+    prompt = PROMPTS[2]
+    joint, joint_mask = encoder.encode([prompt, ""])
+    rows = []
+    for text in (prompt, ""):
+        f, m = encoder.encode(text)
+        extra = joint.shape[1] - f.shape[1]
+        rows.append((torch.cat([f, f.new_zeros(1, extra, f.shape[2])], 1), torch.cat([m, m.new_zeros(1, extra)], 1)))
+    apart = torch.cat([f for f, _ in rows])
+    apart_mask = torch.cat([m for _, m in rows])
+    assert apart_mask.tolist() == joint_mask.tolist()
+    assert not torch.equal(apart, joint)  # the padded rows do differ ...
+
+    def pooled(f, m):
+        return (f * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+
+    def cross_attention(f, m):
+        q = torch.randn(2, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+        k = f[..., :16].reshape(2, -1, 2, 8).transpose(1, 2)
+        v = f[..., 16:].reshape(2, -1, 2, 8).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :])
+
+    # ... but not where the DiT reads them.
+    torch.testing.assert_close(pooled(apart, apart_mask), pooled(joint, joint_mask), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        cross_attention(apart, apart_mask), cross_attention(joint, joint_mask), rtol=0, atol=1e-6
+    )
+
+
 def test_real_tokens_do_not_depend_on_padding_or_on_the_mask(encoder):
     """Hidden states of real tokens are those of the unpadded sequence, with or without the attention mask."""
     prompt = PROMPTS[0]
