@@ -15,7 +15,7 @@ from lumina_core.next_dit_checkpoint import load_next_dit
 from lumina_core.sampling import make_noise, sample
 from lumina_core.text_encoder import LlamaTextEncoder
 from lumina_core.text_encoder_gemma import GemmaTextEncoder
-from lumina_core.tiny import make_tiny_gemma_folder, write_tiny_next_dit
+from lumina_core.tiny import write_tiny_next_dit
 from nodes import NODE_CLASS_MAPPINGS as N
 from nodes import comfy_glue
 from nodes.common import FAMILY_KEY
@@ -27,12 +27,10 @@ DIFFUSERS_NAME = "lumina_next_sft_diffusers.safetensors"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    paths = make_tiny_models(tmp_path_factory.mktemp("models"))
+    paths = make_tiny_models(tmp_path_factory.mktemp("models"), lumina_next=True)
     root = paths["root"]
-    paths["next"] = write_tiny_next_dit(root / "diffusion_models" / NEXT_DIT_NAME, seed=1)
-    paths["next_diffusers"] = write_tiny_next_dit(root / "diffusion_models" / DIFFUSERS_NAME, seed=1,
+    paths["next_diffusers"] = write_tiny_next_dit(root / "diffusion_models" / DIFFUSERS_NAME, seed=0,
                                                   layout="diffusers")
-    paths["gemma"] = make_tiny_gemma_folder(root / "text_encoders" / GEMMA_NAME, TINY_HIDDEN, 0)
     (root / "text_encoders" / "t5xxl").mkdir()
     (root / "text_encoders" / "t5xxl" / "config.json").write_text('{"model_type": "t5"}')
     (root / "text_encoders" / "gemma2").mkdir()
