@@ -148,7 +148,7 @@ def test_prompt_ids_are_bos_then_the_tokenizers_own_no_eos(encoder, folders):
         assert ids[0, :n].tolist() == [BOS, *own], prompt
         assert mask[0].tolist() == [True] * n + [False] * (ids.shape[1] - n), prompt
         assert ids[0, n:].eq(PAD).all() and not ids.eq(EOS).any(), prompt
-    assert encoder.tokenize("zebra")[0][0].tolist().count(PAD) < 7  # an unknown word gives several pieces
+    assert int(encoder.tokenize("zebra")[1].sum()) > 3  # the sub-word splitting is exercised: several pieces
 
 
 def test_empty_prompt_is_bos_padded_to_eight(encoder):
@@ -405,7 +405,8 @@ def test_a_llama_folder_is_refused_naming_the_llama_encoder(tmp_path):
 
 
 def test_the_llama_encoder_refuses_a_gemma_folder_naming_the_gemma_encoder(folders):
-    with pytest.raises(TextEncoderError, match=r"not LLaMA .*'gemma'.*Lumina-Next \(google/gemma-2b\).*GemmaText"):
+    message = r"not LLaMA .*'gemma'.*Lumina-Next's text encoder \(google/gemma-2b\).*GemmaTextEncoder"
+    with pytest.raises(TextEncoderError, match=message):
         LlamaTextEncoder.from_folder(folders["single"])
 
 
