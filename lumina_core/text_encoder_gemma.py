@@ -49,7 +49,8 @@ PAD_TO_MULTIPLE_OF = 8  # the original's pad_to_multiple_of
 _GET_GEMMA = (
     f"Lumina-Next needs the Hugging Face folder of Gemma-2B ({GEMMA_2B}): config.json, the tokenizer files "
     "(tokenizer.json, tokenizer_config.json) and the weights (model-*.safetensors with "
-    "model.safetensors.index.json), kept together in one folder."
+    "model.safetensors.index.json), kept together in one folder; or the text_encoder folder of a diffusers "
+    "pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers) next to its tokenizer folder."
 )
 
 # What other text-encoder folders are, for the refusal message (keyed by config.json model_type).
