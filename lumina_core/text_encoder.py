@@ -44,8 +44,8 @@ _ROTARY_SUFFIX = "rotary_emb.inv_freq"
 # model_type of text encoders people mistake for Lumina-T2I's, with what they are.
 _GEMMA = "Gemma belongs to Lumina-Next / Lumina-Image-2.0, not Lumina-T2I"
 _GEMMA1 = (
-    f"{_GEMMA}: this is Gemma (1), the text encoder of Lumina-Next (google/gemma-2b). Load it with "
-    "GemmaTextEncoder (in ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-Next DiT"
+    f"{_GEMMA}: this is a first-generation Gemma, the model of Lumina-Next's text encoder (google/gemma-2b). "
+    "Load it with GemmaTextEncoder (in ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-Next DiT"
 )
 _GEMMA2 = (
     f"{_GEMMA}: Gemma-2 is the text encoder of Lumina-Image-2.0 (gemma-2-2b), which ComfyUI's own nodes run, "

@@ -49,7 +49,8 @@ PAD_TO_MULTIPLE_OF = 8  # the original's pad_to_multiple_of
 _GET_GEMMA = (
     f"Lumina-Next needs the Hugging Face folder of Gemma-2B ({GEMMA_2B}): config.json, the tokenizer files "
     "(tokenizer.json, tokenizer_config.json) and the weights (model-*.safetensors with "
-    "model.safetensors.index.json), kept together in one folder."
+    "model.safetensors.index.json), kept together in one folder; or the text_encoder folder of a diffusers "
+    "pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers) next to its tokenizer folder."
 )
 
 # What other text-encoder folders are, for the refusal message (keyed by config.json model_type).
@@ -112,7 +113,10 @@ def _check_gemma_config(folder: str) -> None:
     if not os.path.isfile(config_path):
         hint = ""
         if os.path.isfile(os.path.join(folder, "model_index.json")):
-            hint = "It looks like the root of a diffusers pipeline; select the text encoder's own folder. "
+            hint = (
+                "It looks like the root of a diffusers pipeline; select its text encoder folder, "
+                f"{os.path.join(folder, 'text_encoder')}. "
+            )
         raise TextEncoderError(f"No config.json in {folder}. {hint}{_GET_GEMMA}")
     raw = _read_config(folder)
     if raw is None:
@@ -130,6 +134,24 @@ def _check_gemma_config(folder: str) -> None:
         raise TextEncoderError(
             f"{folder} holds a model that is not Gemma-2B ({what} in config.json). {detail}{_GET_GEMMA}"
         )
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def _tokenizer_folder(folder: str) -> str:
+    """Where the tokenizer files are: the folder itself (google/gemma-2b), or, for the `text_encoder` folder of a
+    diffusers pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers), its sibling `tokenizer` folder."""
+    if _has_tokenizer(folder):
+        return folder
+    parent = os.path.dirname(os.path.abspath(folder))
+    sibling = os.path.join(parent, "tokenizer")
+    if os.path.isfile(os.path.join(parent, "model_index.json")) and _has_tokenizer(sibling):
+        logger.info("Using the tokenizer of the diffusers pipeline folder %s for %s", sibling, folder)
+        return sibling
+    _check_tokenizer_files(folder, GEMMA_2B)  # raises, naming the folder and what to put there
+    return folder
 
 
 def _load_tokenizer(folder: str):
@@ -182,7 +204,11 @@ class GemmaTextEncoder:
 
     @classmethod
     def from_folder(cls, path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> GemmaTextEncoder:
-        """Load a Hugging Face Gemma folder (GemmaModel or GemmaForCausalLM weights) as published. Never downloads."""
+        """Load a Hugging Face Gemma folder (GemmaModel or GemmaForCausalLM weights) as published. Never downloads.
+
+        path: a copy of google/gemma-2b, or the `text_encoder` folder of a diffusers pipeline (its tokenizer is then
+        read from the sibling `tokenizer` folder).
+        """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
         device = torch.device(device)
@@ -190,9 +216,9 @@ class GemmaTextEncoder:
         folder = os.fspath(path)
         _check_folder(folder, _GET_GEMMA)
         _check_gemma_config(folder)
-        _check_tokenizer_files(folder, GEMMA_2B)
+        tokenizer_folder = _tokenizer_folder(folder)
         files = _find_weight_files(folder, GEMMA_2B)
-        tokenizer = _load_tokenizer(folder)
+        tokenizer = _load_tokenizer(tokenizer_folder)
 
         try:
             config = GemmaConfig.from_pretrained(folder, attn_implementation="sdpa", local_files_only=True)
