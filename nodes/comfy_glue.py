@@ -326,15 +326,20 @@ if IN_COMFYUI:
 
 
     _MODEL_CONFIGS: dict = {}
+    # The registry's latent format names -> ComfyUI's latent formats.
+    _LATENT_FORMATS = {"sdxl": comfy.latent_formats.SDXL}
 
     def _model_config_class(family):
         """LuminaT2IConfig for Lumina-T2I; for another family the same with that family's default shift."""
         if family.name == families.LUMINA_T2I.name:
             return LuminaT2IConfig
         if family.name not in _MODEL_CONFIGS:
-            settings = {"multiplier": 1.0, "shift": family.defaults.shift}
+            attrs = {
+                "sampling_settings": {"multiplier": 1.0, "shift": family.defaults.shift},
+                "latent_format": _LATENT_FORMATS[family.latent_format],
+            }
             name = family.title.replace("-", "") + "Config"
-            _MODEL_CONFIGS[family.name] = type(name, (LuminaT2IConfig,), {"sampling_settings": settings})
+            _MODEL_CONFIGS[family.name] = type(name, (LuminaT2IConfig,), attrs)
         return _MODEL_CONFIGS[family.name]
 
 
