@@ -76,7 +76,10 @@ def _describe_foreign(keys: list[str]) -> Optional[str]:
             "(UNETLoader) node"
         )
     if has(r"(^|\.)layers\.\d+\.attention_norm1\.") or has(r"(^|\.)layers\.\d+\.ffn_norm2\."):
-        return "a Lumina-Next (Next-DiT) transformer; load it with the Lumina Load DiT node (lumina_core.checkpoint.load_dit)"
+        return (
+            "a Lumina-Next (Next-DiT) transformer; load it with the Lumina Load DiT node "
+            "(lumina_core.checkpoint.load_dit)"
+        )
     if has(r"(^|\.)(input_blocks|output_blocks|middle_block)\.") or has(r"(^|\.)down_blocks\.\d+\.resnets"):
         return (
             "a Stable Diffusion / SDXL UNet; load it with ComfyUI's Load Checkpoint or Load Diffusion Model node"

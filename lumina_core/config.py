@@ -132,7 +132,8 @@ class NextDiTConfig:
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
         if self.head_dim % 4:
             raise ValueError(
-                f"head_dim {self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) must be a multiple of 4 for 2-D RoPE"
+                f"head_dim {self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) must be a multiple of 4 "
+                f"for 2-D RoPE"
             )
         kv = self.kv_heads
         if not isinstance(kv, int) or kv < 1 or self.n_heads % kv:

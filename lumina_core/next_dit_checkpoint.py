@@ -240,7 +240,9 @@ def load_next_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device
     for key, shape in expected.items():
         tensor = source.src.get(source.file_key[key])
         if tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{source.path}: {source.file_key[key]} has shape {tuple(tensor.shape)}, expected {shape}")
+            raise CheckpointError(
+                f"{source.path}: {source.file_key[key]} has shape {tuple(tensor.shape)}, expected {shape}"
+            )
         state[key] = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
         del tensor
     for file_key, key in source.copies.items():
@@ -255,7 +257,8 @@ def load_next_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     logger.info(
-        "Loaded Lumina-Next Next-DiT (%s layout) from %s: %.2fB parameters, dim %d, %d layers, %d/%d heads, %s in %.1f s",
+        "Loaded Lumina-Next Next-DiT (%s layout) from %s: %.2fB parameters, dim %d, %d layers, %d/%d heads, %s "
+        "in %.1f s",
         source.layout,
         source.path,
         sum(p.numel() for p in model.parameters()) / 1e9,

@@ -232,8 +232,8 @@ def load_text_encoder(folder: str, dtype_choice: str, family=None) -> LuminaText
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = _text_encoder_dtype(dtype_choice, load_device)
     encoder = encoder_class.from_folder(folder, dtype=dtype, device=offload_device)
-    # The plain (not dynamic-VRAM) patcher: LlamaModel (GemmaModel) is built from torch.nn layers, not comfy.ops, and is moved
-    # to the GPU whole for encoding and back when the DiT needs the memory.
+    # The plain (not dynamic-VRAM) patcher: LlamaModel (or GemmaModel) is built from torch.nn layers, not comfy.ops,
+    # and is moved to the GPU whole for encoding and back when the DiT needs the memory.
     patcher = comfy.model_patcher.ModelPatcher(
         LuminaLlamaModule(encoder.model), load_device=load_device, offload_device=offload_device
     )
@@ -330,9 +330,7 @@ if IN_COMFYUI:
     _LATENT_FORMATS = {"sdxl": comfy.latent_formats.SDXL}
 
     def _model_config_class(family):
-        """LuminaT2IConfig for Lumina-T2I; for another family the same with that family's default shift."""
-        if family.name == families.LUMINA_T2I.name:
-            return LuminaT2IConfig
+        """LuminaT2IConfig with the family's default shift and latent format."""
         if family.name not in _MODEL_CONFIGS:
             attrs = {
                 "sampling_settings": {"multiplier": 1.0, "shift": family.defaults.shift},

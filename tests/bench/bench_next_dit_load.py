@@ -79,7 +79,8 @@ def main() -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="lumina_next_bench_", dir=args.dir))
     try:
-        name = "consolidated.00-of-01.safetensors" if args.layout == "original" else "diffusion_pytorch_model.safetensors"
+        original = args.layout == "original"
+        name = "consolidated.00-of-01.safetensors" if original else "diffusion_pytorch_model.safetensors"
         path = folder / name
         start = time.perf_counter()
         size = write_random_checkpoint(config, path, args.layout)
