@@ -13,6 +13,7 @@ is built on the meta device and every tensor is read on its own, cast to the tar
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from typing import Iterable, Optional
@@ -221,6 +222,41 @@ class _NextDiTSource:
             )
 
 
+_ALIGN = 64  # bytes: every tensor of the packed weights starts on a cache line
+
+
+def _read_weights(source: _NextDiTSource, expected: dict, dtype: Optional[torch.dtype], device) -> dict:
+    """The tensors of `expected` ({key: shape}) read from the file, cast to `dtype` as they are read.
+
+    With a target dtype the tensors are views into one buffer allocated up front and filled chunk by chunk from the
+    file, so the process holds the weights and an 8 MB read buffer, nothing else: reading each tensor whole and
+    casting it (as the Flag-DiT loader does) peaked at 1.22-1.32 x the bf16 weights of the 2B model, whose tensors
+    are small enough to come from the allocator's heap, where the freed fp32 copies leave holes.
+    """
+    for key, shape in expected.items():
+        found = tuple(source.src.shape(source.file_key[key]))
+        if found != shape:
+            raise CheckpointError(f"{source.path}: {source.file_key[key]} has shape {found}, expected {shape}")
+    if dtype is None:
+        return {key: source.src.get(source.file_key[key]).to(device) for key in expected}
+    step = max(1, _ALIGN // torch.empty((), dtype=dtype).element_size())
+    offsets, total = {}, 0
+    for key, shape in expected.items():
+        offsets[key] = total
+        total += -(-math.prod(shape) // step) * step
+    packed = torch.empty(total, dtype=dtype)
+    read_into = getattr(source.src, "read_into", None)
+    state = {}
+    for key, shape in expected.items():
+        out = packed[offsets[key]:offsets[key] + math.prod(shape)].view(shape)
+        if read_into is not None:
+            read_into(source.file_key[key], out)
+        else:  # a weights-only pickle, memory-mapped: copy from the mapping
+            out.copy_(source.src.get(source.file_key[key]))
+        state[key] = out if torch.device(device).type == "cpu" else out.to(device)
+    return state
+
+
 def read_next_dit_config(path) -> NextDiTConfig:
     """The configuration of a Next-DiT file (either layout), from its tensor shapes; no weights are read."""
     return _NextDiTSource(path).config
@@ -236,15 +272,7 @@ def load_next_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     source.check_keys(expected)
 
-    state = {}
-    for key, shape in expected.items():
-        tensor = source.src.get(source.file_key[key])
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(
-                f"{source.path}: {source.file_key[key]} has shape {tuple(tensor.shape)}, expected {shape}"
-            )
-        state[key] = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
-        del tensor
+    state = _read_weights(source, expected, dtype, device)
     for file_key, key in source.copies.items():
         copy = source.src.get(file_key)
         if tuple(copy.shape) != expected[key] or not torch.equal(copy.to(state[key]), state[key]):

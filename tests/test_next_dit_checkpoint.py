@@ -182,3 +182,29 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match=r"refused to load .*consolidated\.00-of-01\.pth.*run code"):
         load_dit(path)
     assert not marker.exists()
+
+
+def test_chunked_read_equals_safetensors_own_read_cast(tmp_path):
+    from safetensors import safe_open
+
+    from lumina_core.tensor_io import SafetensorsFile
+
+    state = {"a": torch.randn(1000, 37), "b": torch.randn(5).half(), "empty": torch.randn(0, 3)}
+    path = tmp_path / "x.safetensors"
+    save_file(state, str(path))
+    reader = SafetensorsFile(path)
+    with safe_open(str(path), "pt") as f:
+        for key in state:
+            for dtype in (torch.float32, torch.bfloat16):
+                out = reader.read_into(key, torch.empty(state[key].shape, dtype=dtype), chunk_bytes=1000)
+                assert torch.equal(out, f.get_tensor(key).to(dtype))
+    with pytest.raises(ValueError, match="shape"):
+        reader.read_into("a", torch.empty(37, 1000))
+
+
+def test_loaded_weights_are_aligned_views_of_one_buffer(tmp_path):
+    path = write_tiny_next_dit(tmp_path / "m.safetensors")
+    model = load_dit(path, dtype=torch.bfloat16)
+    params = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+    assert all(p.data_ptr() % 64 == 0 for p in params)
