@@ -75,7 +75,10 @@ def _describe_foreign(keys: list[str]) -> Optional[str]:
             "(UNETLoader) node"
         )
     if has(r"(^|\.)layers\.\d+\.attention_norm1\.") or has(r"(^|\.)layers\.\d+\.ffn_norm2\."):
-        return "a Lumina-Next (Next-DiT) transformer, which this Lumina-T2I loader does not run"
+        return (
+            "a Lumina-Next (Next-DiT) transformer; load it with the Lumina Load DiT node "
+            "(lumina_core.checkpoint.load_dit)"
+        )
     if has(r"(^|\.)(input_blocks|output_blocks|middle_block)\.") or has(r"(^|\.)down_blocks\.\d+\.resnets"):
         return (
             "a Stable Diffusion / SDXL UNet; load it with ComfyUI's Load Checkpoint or Load Diffusion Model node"
@@ -261,6 +264,14 @@ def load_flag_dit(
         time.perf_counter() - start,
     )
     return model
+
+
+def load_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device="cpu", operations=None):
+    """Load a Lumina DiT of any family: a Flag-DiT (Lumina-T2I) or a Next-DiT (Lumina-Next, original or diffusers
+    layout), recognised from the checkpoint's key names by `lumina_core.families`."""
+    from .families import load_dit as load_any_dit
+
+    return load_any_dit(path, dtype=dtype, device=device, operations=operations)
 
 
 def read_flag_dit_config(path) -> FlagDiTConfig:

@@ -95,3 +95,70 @@ class FlagDiTConfig:
 
 FLAG_DIT_5B = FlagDiTConfig(dim=3072, n_layers=32, n_heads=32, cap_feat_dim=4096)
 FLAG_DIT_TINY = FlagDiTConfig(dim=64, n_layers=2, n_heads=4, multiple_of=16, cap_feat_dim=32)
+
+
+@dataclass(frozen=True)
+class NextDiTConfig:
+    """Configuration of the Lumina-Next Next-DiT (field names of the original `NextDiT` constructor,
+    `lumina_next_t2i/models/model.py`).
+
+    It differs from FlagDiTConfig in what the architecture needs: no end-of-line token, 2-D RoPE (so head_dim must
+    be a multiple of 4), Gemma-2B's 2048-wide caption features.
+    """
+
+    patch_size: int = 2
+    in_channels: int = 4
+    dim: int = 2304
+    n_layers: int = 24
+    n_heads: int = 32
+    # None means as many key/value heads as query heads; the released Lumina-Next-SFT uses 8 (grouped-query).
+    n_kv_heads: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    learn_sigma: bool = True
+    # LayerNorm over the whole projected q and k (and the caption keys), before the split into heads.
+    qk_norm: bool = True
+    # Width of the caption features (Gemma-2B hidden size).
+    cap_feat_dim: int = 2048
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("patch_size", "in_channels", "dim", "n_layers", "n_heads", "multiple_of", "cap_feat_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"NextDiTConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if self.head_dim % 4:
+            raise ValueError(
+                f"head_dim {self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) must be a multiple of 4 "
+                f"for 2-D RoPE"
+            )
+        kv = self.kv_heads
+        if not isinstance(kv, int) or kv < 1 or self.n_heads % kv:
+            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ValueError(f"ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"norm_eps ({self.norm_eps}) and rope_theta ({self.rope_theta}) must be positive")
+
+    kv_heads = FlagDiTConfig.kv_heads
+    head_dim = FlagDiTConfig.head_dim
+    ffn_hidden_dim = FlagDiTConfig.ffn_hidden_dim
+    adaln_dim = FlagDiTConfig.adaln_dim
+    out_channels = FlagDiTConfig.out_channels
+
+    def replace(self, **changes) -> "NextDiTConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "NextDiTConfig":
+        """A few-layer model of the same architecture (grouped-query), for tests and workflows on tiny models."""
+        return dataclasses.replace(NEXT_DIT_TINY, **overrides)
+
+
+# "NextDiT_2B_patch2" (qk_norm, Gemma-2B features) and its grouped-query variant "NextDiT_2B_GQA_patch2".
+NEXT_DIT_2B = NextDiTConfig(dim=2304, n_layers=24, n_heads=32, cap_feat_dim=2048)
+NEXT_DIT_2B_GQA = NextDiTConfig(dim=2304, n_layers=24, n_heads=32, n_kv_heads=8, cap_feat_dim=2048)
+NEXT_DIT_TINY = NextDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, cap_feat_dim=32)

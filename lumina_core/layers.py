@@ -97,3 +97,31 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     b, h, l, d = x.shape
     return x[:, :, None].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)
+
+
+def rope_2d_cos_sin(
+    rows: int,
+    cols: int,
+    head_dim: int,
+    *,
+    theta: float = 10000.0,
+    ntk_factor: float = 1.0,
+    linear_factor: float = 1.0,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [rows*cols, head_dim/2] of Lumina-Next's 2-D RoPE for a row-major grid of patches.
+
+    head_dim/4 frequencies f_i = (theta*ntk)^(-4i/head_dim) / linear; channel pair 2i turns with the row index and
+    pair 2i+1 with the column index, both at frequency f_i (the original interleaves the two axes this way). NTK
+    scaling multiplies theta, linear scaling divides the frequencies (the same as dividing the positions).
+    """
+    quarter = head_dim // 4
+    exponents = torch.arange(0, head_dim, 4, device=device)[:quarter].float() / head_dim
+    inv_freq = 1.0 / ((theta * ntk_factor) ** exponents) / linear_factor
+    row_angles = torch.outer(torch.arange(rows, device=device, dtype=torch.float32), inv_freq)  # [rows, quarter]
+    col_angles = torch.outer(torch.arange(cols, device=device, dtype=torch.float32), inv_freq)  # [cols, quarter]
+    angles = torch.stack(
+        (row_angles[:, None, :].expand(rows, cols, quarter), col_angles[None, :, :].expand(rows, cols, quarter)),
+        dim=-1,
+    ).reshape(rows * cols, 2 * quarter)
+    return torch.cos(angles), torch.sin(angles)

@@ -170,6 +170,8 @@ class FinalLayer(nn.Module):
 
 
 class FlagDiT(nn.Module):
+    family = "lumina_t2i"
+
     def __init__(self, config: FlagDiTConfig, operations=nn, device=None, dtype=None):
         super().__init__()
         if operations is None:

@@ -1,12 +1,14 @@
-"""Rectified-flow sampling for Lumina-T2I: time grid, ODE solvers, classifier-free guidance, img2img, extrapolation.
+"""Rectified-flow sampling for Lumina-T2I and Lumina-Next: time grid, ODE solvers, classifier-free guidance,
+img2img, extrapolation.
 
 Time convention, used everywhere in this package: t = 0 is pure noise, t = 1 is data, x_t = t*data + (1-t)*noise,
 and the model predicts the velocity v = data - noise; sampling integrates dx/dt = v from t0 to 1. (ComfyUI's
 sigma = 1 - t; the conversion lives in `sigmas_from_time_grid` only.)
 
 Follows `lumina_t2i/transport` and `demo.py` of Alpha-VLLM/Lumina-T2X (time shift, solvers, the three-channel
-guidance) and `lumina_next_t2i_mini/transport.py` (img2img strength), with `steps` counting solver steps as in
-ComfyUI (the original counts grid points: its 30 is 29 steps here).
+guidance), `lumina_next_t2i/demo.py` (the same grid, solvers and guidance; its defaults and time-aware
+extrapolation come from `lumina_core.families`) and `lumina_next_t2i_mini/transport.py` (img2img strength),
+with `steps` counting solver steps as in ComfyUI (the originals count grid points: their 30 is 29 steps here).
 """
 
 from __future__ import annotations
@@ -303,28 +305,41 @@ def sample(
     cond: tuple,
     uncond: Optional[tuple],
     *,
-    steps: int,
-    cfg: float,
-    shift: float,
-    solver: str = "euler",
+    steps: Optional[int] = None,
+    cfg: Optional[float] = None,
+    shift: Optional[float] = None,
+    solver: Optional[str] = None,
     denoise: float = 1.0,
     init_latent: Optional[torch.Tensor] = None,
-    extrapolation: str = "t2i",
-    guidance: str = "faithful",
+    extrapolation: Optional[str] = None,
+    guidance: Optional[str] = None,
     callback: Optional[Callable[[dict], None]] = None,
     atol: float = 1e-6,
     rtol: float = 1e-3,
     max_evals: int = 2000,
-    watershed: float = 0.3,
+    watershed: Optional[float] = None,
 ) -> torch.Tensor:
     """Generate model-space latents (SDXL-VAE latent * 0.13025) at t = 1.
 
-    model: a FlagDiT (its text work is then done once per generation) or any callable
-    model(x, t, cap_feats, cap_mask, **extrapolation_kwargs) -> velocity.
+    model: a FlagDiT or a NextDiT (their text work is then done once per generation), or any callable
+    model(x, t, cap_feats, cap_mask, **extrapolation_kwargs) -> velocity (taken as a Lumina-T2I model).
     noise: [B, 4, h, w] Gaussian noise (see make_noise); its device and dtype are the sampler's.
     cond, uncond: (features [1 or B, L, D], mask [1 or B, L]); uncond is unused (may be None) when cfg == 1.
     init_latent: model-space latent for img2img; the start is noise*(1-t0) + init_latent*t0.
+    Settings left at None take the defaults of the model family's original demo (`lumina_core.families`):
+    Lumina-T2I euler, Lumina-Next midpoint with time-aware extrapolation; both 29 steps, cfg 4, shift 4.
     """
+    from .families import family_of
+
+    family = family_of(model, default="lumina_t2i")
+    defaults = family.defaults
+    steps = defaults.steps if steps is None else steps
+    cfg = defaults.cfg if cfg is None else cfg
+    shift = defaults.shift if shift is None else shift
+    solver = defaults.solver if solver is None else solver
+    extrapolation = defaults.extrapolation if extrapolation is None else extrapolation
+    guidance = defaults.guidance if guidance is None else guidance
+    watershed = defaults.watershed if watershed is None else watershed
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if guidance not in GUIDANCE_MODES:
@@ -367,7 +382,7 @@ def sample(
             return model(xb, tb, feats, mask, **kwargs)
 
     def fn(xt: torch.Tensor, t: float) -> torch.Tensor:
-        kwargs = extrapolation_kwargs(extrapolation, lh, lw, t, watershed=watershed)
+        kwargs = family.extrapolation_kwargs(extrapolation, lh, lw, t, watershed)
         xb = xt.repeat(reps, 1, 1, 1) if reps > 1 else xt
         tb = torch.full((b * reps,), t, device=device, dtype=torch.float32)
         v = velocity(xb, tb, kwargs).to(xt.dtype)

@@ -118,6 +118,35 @@ class SafetensorsFile:
                 got += n
         return buf.view(dtype).view(shape)
 
+    def read_into(self, key: str, out: torch.Tensor, chunk_bytes: int = 8 << 20) -> torch.Tensor:
+        """Read a tensor into the contiguous `out` (same shape, any dtype), casting one chunk at a time.
+
+        The scratch memory is one chunk, never a whole copy of the tensor in the stored dtype, so loading an fp32
+        file into bf16 allocates nothing but the bf16 tensors themselves.
+        """
+        dtype, shape, start, end = self._entries[key]
+        if tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"read_into: {key!r} has shape {shape}, got a tensor of shape {tuple(out.shape)}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_chunk = max(1, chunk_bytes // itemsize)
+        scratch = torch.empty(min(per_chunk, max(1, out.numel())) * itemsize, dtype=torch.uint8)
+        flat = out.view(-1)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._base + start)
+            done = 0
+            while done < flat.numel():
+                count = min(per_chunk, flat.numel() - done)
+                view = memoryview(scratch.numpy())[: count * itemsize]
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise self.error(f"{self.path} ended while reading {key!r}: the file is truncated")
+                    got += n
+                flat[done:done + count].copy_(scratch[: count * itemsize].view(dtype))
+                done += count
+        return out
+
     def metadata(self) -> dict:
         return dict(self._metadata)
 

@@ -48,13 +48,25 @@ _ROTARY_SUFFIX = "rotary_emb.inv_freq"
 
 # model_type of text encoders people mistake for Lumina-T2I's, with what they are.
 _GEMMA = "Gemma belongs to Lumina-Next / Lumina-Image-2.0, not Lumina-T2I"
+_GEMMA1 = (
+    f"{_GEMMA}: this is a first-generation Gemma, the model of Lumina-Next's text encoder (google/gemma-2b). "
+    "Load it with GemmaTextEncoder (in ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-Next DiT"
+)
+_GEMMA2 = (
+    f"{_GEMMA}: Gemma-2 is the text encoder of Lumina-Image-2.0 (gemma-2-2b), which ComfyUI's own nodes run, "
+    "not this pack"
+)
+_GEMMA3 = (
+    "Gemma-3 is the text encoder of no Lumina model this pack runs (Lumina-T2I needs LLaMA-2-7B, Lumina-Next "
+    "needs Gemma-2B, google/gemma-2b)"
+)
 _T5 = "T5 is the text encoder used by other models such as SD3/Flux/PixArt; Lumina-T2I needs LLaMA-2-7B"
 _CLIP = "CLIP is the text encoder of SD1.x/SDXL (and a helper of SD3/Flux); Lumina-T2I needs LLaMA-2-7B"
 _KNOWN_OTHER_ENCODERS = {
-    "gemma": _GEMMA,
-    "gemma2": _GEMMA,
-    "gemma3": _GEMMA,
-    "gemma3_text": _GEMMA,
+    "gemma": _GEMMA1,
+    "gemma2": _GEMMA2,
+    "gemma3": _GEMMA3,
+    "gemma3_text": _GEMMA3,
     "t5": _T5,
     "mt5": _T5,
     "umt5": _T5,
@@ -86,6 +98,8 @@ class LlamaTextEncoder:
     `model` may be moved between devices by a caller (ComfyUI's memory manager); `encode` always runs it where its
     parameters are.
     """
+
+    family = "lumina_t2i"
 
     def __init__(self, model: LlamaModel, tokenizer, folder: str):
         self.model = model
@@ -244,13 +258,14 @@ def _as_prompt_list(prompts) -> list[str]:
 # --- checks on the folder -------------------------------------------------------------------------------------
 
 
-def _check_folder(folder: str) -> None:
+def _check_folder(folder: str, get: str = _GET_LLAMA) -> None:
+    """Raise unless folder is an existing directory; get says which folder the model needs."""
     if not os.path.exists(folder):
-        raise TextEncoderError(f"Text encoder folder {folder} does not exist. {_GET_LLAMA}")
+        raise TextEncoderError(f"Text encoder folder {folder} does not exist. {get}")
     if not os.path.isdir(folder):
         raise TextEncoderError(
-            f"{folder} is a file, not a folder. Lumina-T2I's text encoder is loaded from a whole Hugging Face "
-            f"folder, not a single weights file. {_GET_LLAMA}"
+            f"{folder} is a file, not a folder. Lumina's text encoders are loaded from a whole Hugging Face "
+            f"folder, not a single weights file. {get}"
         )
 
 
@@ -290,11 +305,11 @@ def _check_llama_config(folder: str) -> None:
         )
 
 
-def _check_tokenizer_files(folder: str) -> None:
+def _check_tokenizer_files(folder: str, source: str = LLAMA2_7B) -> None:
     if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):
         raise TextEncoderError(
             f"No tokenizer in {folder}: expected tokenizer.json and/or tokenizer.model (with tokenizer_config.json). "
-            f"Copy the tokenizer files published with the model ({LLAMA2_7B}) into this folder."
+            f"Copy the tokenizer files published with the model ({source}) into this folder."
         )
 
 
@@ -322,8 +337,11 @@ def _load_tokenizer(folder: str):
 # --- weights ----------------------------------------------------------------------------------------------------
 
 
-def _find_weight_files(folder: str) -> list[str]:
-    """The weight files to read: safetensors (preferred; as listed by the index if there is one), else .bin."""
+def _find_weight_files(folder: str, source: str = LLAMA2_7B) -> list[str]:
+    """The weight files to read: safetensors (preferred; as listed by the index if there is one), else .bin.
+
+    source: the Hugging Face repository the folder should be a copy of, named in the errors.
+    """
     for index_name, pattern in (
         ("model.safetensors.index.json", "*.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
@@ -335,7 +353,7 @@ def _find_weight_files(folder: str) -> list[str]:
                     names = sorted(set(json.load(f)["weight_map"].values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
                 raise TextEncoderError(
-                    f"Could not read the shard index {index_path}: {err!r}. Re-download it from {LLAMA2_7B}."
+                    f"Could not read the shard index {index_path}: {err!r}. Re-download it from {source}."
                 ) from err
             missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
             if missing:
@@ -349,11 +367,13 @@ def _find_weight_files(folder: str) -> list[str]:
             return files
     raise TextEncoderError(
         f"No weights in {folder}: expected *.safetensors (or pytorch_model*.bin) files next to config.json. "
-        f"Download the weights of {LLAMA2_7B} into this folder."
+        f"Download the weights of {source} into this folder."
     )
 
 
-def _refuse_file(path: str, err: BaseException | None = None, reason: str | None = None) -> TextEncoderError:
+def _refuse_file(
+    path: str, err: BaseException | None = None, reason: str | None = None, source: str = LLAMA2_7B
+) -> TextEncoderError:
     """The error for a weights file that cannot be read: says why, as precisely as can be told, and the fix."""
     if reason is None:
         size = os.path.getsize(path)
@@ -365,10 +385,10 @@ def _refuse_file(path: str, err: BaseException | None = None, reason: str | None
             reason = "it is a Git LFS pointer, not the weights: run `git lfs pull` in the folder"
         else:
             reason = f"it is corrupted or truncated ({str(err).splitlines()[0] if err else 'unreadable'})"
-    return TextEncoderError(f"Could not read the weights file {path}: {reason}. Re-download it from {LLAMA2_7B}.")
+    return TextEncoderError(f"Could not read the weights file {path}: {reason}. Re-download it from {source}.")
 
 
-def _load_bin(path: str) -> dict:
+def _load_bin(path: str, source: str = LLAMA2_7B) -> dict:
     """A pytorch_model*.bin state dict, memory-mapped, refusing anything that is not plain tensors.
 
     weights_only=True makes torch.load refuse pickles that would call arbitrary code; there is deliberately no
@@ -382,7 +402,7 @@ def _load_bin(path: str) -> dict:
                 "it is not a zip-format torch checkpoint: it is truncated or corrupted, or saved in the legacy "
                 "(pre-1.6) format that cannot be memory-mapped (convert it to safetensors)"
             )
-        raise _refuse_file(path, reason=reason)
+        raise _refuse_file(path, reason=reason, source=source)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
@@ -392,16 +412,25 @@ def _load_bin(path: str) -> dict:
                 "it was refused because unpickling it needs arbitrary code (it could run anything on this machine), "
                 "or it is corrupted; nothing in it was executed. Use the model's .safetensors weights instead"
             ),
+            source=source,
         ) from err
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise _refuse_file(path, err) from err
+        raise _refuse_file(path, err, source=source) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _refuse_file(path, reason="it does not hold a plain state dict of tensors")
+        raise _refuse_file(path, reason="it does not hold a plain state dict of tensors", source=source)
     return state
 
 
-def _index_weights(folder: str, files: list[str], expected: dict[str, tuple]) -> dict[str, tuple[str, str]]:
-    """Map each LlamaModel key to (file, key in file), reading headers only; raise on any mismatch.
+def _index_weights(
+    folder: str,
+    files: list[str],
+    expected: dict[str, tuple],
+    source: str = LLAMA2_7B,
+    model_name: str = "LlamaModel",
+) -> dict[str, tuple[str, str]]:
+    """Map each key of the bare decoder (model_name, e.g. LlamaModel) to (file, key in file); raise on any mismatch.
+
+    Reads headers only. A *ForCausalLM checkpoint's "model." prefix is dropped and its lm_head is never read.
 
     Everything is checked before a single tensor is read, so a wrong folder fails in seconds, not after 13 GB.
     """
@@ -409,7 +438,7 @@ def _index_weights(folder: str, files: list[str], expected: dict[str, tuple]) ->
     unexpected: list[str] = []
     wrong_shape: list[str] = []
     for path in files:
-        for key, shape in _tensor_shapes(path):
+        for key, shape in _tensor_shapes(path, source):
             if key == _LM_HEAD or key.endswith(_ROTARY_SUFFIX):
                 continue
             # LlamaForCausalLM keeps the decoder under "model."; LlamaModel has no submodule of that name.
@@ -428,9 +457,9 @@ def _index_weights(folder: str, files: list[str], expected: dict[str, tuple]) ->
     missing = [name for name in expected if name not in sources]
     if missing or unexpected:
         raise TextEncoderError(
-            f"The weights in {folder} do not match LlamaModel as described by its config.json: "
+            f"The weights in {folder} do not match {model_name} as described by its config.json: "
             f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}. "
-            f"config.json and the weight files must come from the same checkpoint ({LLAMA2_7B})."
+            f"config.json and the weight files must come from the same checkpoint ({source})."
         )
     if wrong_shape:
         raise TextEncoderError(
@@ -440,29 +469,40 @@ def _index_weights(folder: str, files: list[str], expected: dict[str, tuple]) ->
     return sources
 
 
-def _tensor_shapes(path: str) -> list[tuple[str, tuple]]:
+def _tensor_shapes(path: str, source: str = LLAMA2_7B) -> list[tuple[str, tuple]]:
     if path.endswith(".bin"):
-        return [(k, tuple(v.shape)) for k, v in _load_bin(path).items()]
+        return [(k, tuple(v.shape)) for k, v in _load_bin(path, source).items()]
     st = SafetensorsFile(Path(path), error=TextEncoderError)
     return [(k, st.shape(k)) for k in st.keys]
 
 
-def _read_weights(sources: dict[str, tuple[str, str]], dtypes: dict[str, torch.dtype], device: torch.device) -> dict:
-    """Read every tensor once, cast it to its dtype (dtypes[name]) on device as it is read, one at a time."""
+def _read_weights(
+    sources: dict[str, tuple[str, str]], dtypes, device: torch.device, source: str = LLAMA2_7B
+) -> dict:
+    """Read every tensor once, cast it to its dtype on device as it is read, one tensor in flight at a time.
+
+    dtypes: one torch.dtype for every tensor, or a dict name -> dtype (fp8 storage keeps norms in the compute dtype).
+    """
+    if isinstance(dtypes, torch.dtype):
+        dtypes = dict.fromkeys(sources, dtypes)
     by_file: dict[str, list[tuple[str, str]]] = {}
     for name, (path, key) in sources.items():
         by_file.setdefault(path, []).append((name, key))
     state_dict = {}
     for path, entries in by_file.items():
-        read = _read_bin_file if path.endswith(".bin") else _read_safetensors_file
-        read(path, entries, dtypes, device, state_dict)
+        if path.endswith(".bin"):
+            _read_bin_file(path, entries, dtypes, device, state_dict, source)
+        else:
+            _read_safetensors_file(path, entries, dtypes, device, state_dict)
     return state_dict
 
 
-def _read_bin_file(path: str, entries, dtypes: dict, device: torch.device, state_dict: dict) -> None:
+def _read_bin_file(
+    path: str, entries, dtypes: dict, device: torch.device, state_dict: dict, source: str = LLAMA2_7B
+) -> None:
     # One mapping per file: its pages stay mapped until the file's last tensor is copied, but they are clean file
     # pages the kernel can drop under pressure, not a second copy in memory.
-    stored = _load_bin(path)
+    stored = _load_bin(path, source)
     for name, key in entries:
         state_dict[name] = _copy_as(stored.pop(key), dtypes[name], device)
 
@@ -485,15 +525,16 @@ def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, own
     return torch.empty(tensor.shape, dtype=dtype, device=device).copy_(tensor)
 
 
-def _rebuild_rotary_buffers(model: LlamaModel, device: torch.device) -> None:
+def _rebuild_rotary_buffers(model, device: torch.device) -> None:
     """Re-create the rotary embedding, whose non-persistent inv_freq buffers are still on the meta device.
 
-    The buffers are computed on the CPU in float32 from config.json, as a normally constructed LlamaModel does,
-    then moved, so the result does not depend on the device loaded to.
+    The buffers are computed on the CPU in float32 from config.json, as a normally constructed model does, then
+    moved, so the result does not depend on the device loaded to. Works for any transformers decoder with a
+    top-level `rotary_emb` (LlamaModel, GemmaModel); it fails if any other tensor is still on the meta device.
     """
     with torch.device("cpu"):
         rotary = type(model.rotary_emb)(config=model.config)
     model.rotary_emb = rotary.to(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:  # a transformers version with other non-persistent state: fail loudly rather than compute garbage
-        raise RuntimeError(f"LlamaModel tensors left uninitialised after loading: {left[:4]}")
+        raise RuntimeError(f"{type(model).__name__} tensors left uninitialised after loading: {left[:4]}")

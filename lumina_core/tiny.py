@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, LlamaTokenizerFast
 
 from .checkpoint import save_flag_dit
-from .config import FlagDiTConfig
+from .config import FlagDiTConfig, NextDiTConfig
 from .model import FlagDiT, init_random_weights
 
 
@@ -28,6 +28,28 @@ def make_tiny_flag_dit(seed: int = 0, **overrides) -> FlagDiT:
 def write_tiny_flag_dit(path, seed: int = 0, **overrides) -> Path:
     path = Path(path)
     save_flag_dit(make_tiny_flag_dit(seed, **overrides), path)
+    return path
+
+
+def make_tiny_next_dit(seed: int = 0, **overrides):
+    """A NextDiTConfig.tiny() model (grouped-query, cap_feat_dim 32) with every parameter random, norms near 1."""
+    from .next_dit import NextDiT
+
+    model = init_random_weights(NextDiT(NextDiTConfig.tiny(**overrides)), seed)
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "y_norm.weight")):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+    return model.eval().requires_grad_(False)
+
+
+def write_tiny_next_dit(path, seed: int = 0, layout: str = "original", **overrides) -> Path:
+    """A tiny Next-DiT checkpoint in the original or the diffusers key layout."""
+    from .next_dit_checkpoint import save_next_dit
+
+    path = Path(path)
+    save_next_dit(make_tiny_next_dit(seed, **overrides), path, layout=layout)
     return path
 
 
@@ -173,3 +195,121 @@ def write_tiny_sdxl_vae(path, seed: int = 0, *, ldm_layout: bool = True, widths=
     path = Path(path)
     save_file(tensors, str(path))
     return path, vae
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gemma: a tiny google/gemma-2b-shaped folder for Lumina-Next's text encoder. (Its imports are local so that this
+# section stays an appendix to the module.)
+
+GEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0-4, as in google/gemma-2b
+
+
+def make_tiny_gemma_tokenizer():
+    """A Gemma-like tokenizer: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <mask>=4, then a BPE over "▁"-joined words.
+
+    The BPE is trained here on a few captions; transformers' GemmaTokenizer then wraps its vocabulary and merges
+    with Gemma's own pipeline (spaces replaced by "▁", no prefix space, byte fallback), as it does when loading
+    google/gemma-2b's tokenizer.json.
+    """
+    import json
+
+    from tokenizers import normalizers
+    from transformers import GemmaTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, special_tokens=GEMMA_SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    trained = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return GemmaTokenizer(vocab=trained["vocab"], merges=merges, add_bos_token=True, add_eos_token=False)
+
+
+def tiny_gemma_config_json(*, hidden_size: int = 32, n_layers: int = 3, vocab_size: int = TINY_VOCAB_SIZE) -> dict:
+    """config.json with the keys google/gemma-2b publishes (transformers 4.38), shrunk.
+
+    Gemma-2B's shape otherwise: multi-query attention (one key/value head), head_dim = hidden / heads, an MLP
+    8 x wider than the hidden size, RMSNorm eps 1e-6, tied embeddings, and the legacy "hidden_act": "gelu" that
+    transformers reads as the tanh approximation.
+    """
+    n_heads = 4 if hidden_size % 4 == 0 else 2
+    return {
+        "architectures": ["GemmaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "head_dim": hidden_size // n_heads,
+        "hidden_act": "gelu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": 8 * hidden_size,
+        "max_position_embeddings": 8192,
+        "model_type": "gemma",
+        "num_attention_heads": n_heads,
+        "num_hidden_layers": n_layers,
+        "num_key_value_heads": 1,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.38.0.dev0",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+
+
+def make_tiny_gemma_folder(
+    path,
+    hidden_size: int = 32,
+    seed: int = 0,
+    *,
+    n_layers: int = 3,
+    safetensors: bool = True,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a tiny Gemma folder at `path` (created if needed) in google/gemma-2b's layout and return it as a Path.
+
+    Weights: `GemmaForCausalLM` keys (`model.*`; no lm_head, which is tied to the embedding), every parameter drawn
+    from a generator seeded with `seed` (the norm weights too, which transformers initialises to zero).
+    safetensors: `*.safetensors` through save_pretrained; otherwise one `pytorch_model.bin` written by torch.save.
+    max_shard_size: passed to save_pretrained (e.g. "20KB") to get several shards plus an index json.
+    Tokenizer: make_tiny_gemma_tokenizer(), with tokenizer_config.json saying add_bos_token true and add_eos_token
+    false, as google/gemma-2b's does.
+    """
+    import json
+
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    os.makedirs(path, exist_ok=True)
+    tokenizer = make_tiny_gemma_tokenizer()
+    config_json = tiny_gemma_config_json(hidden_size=hidden_size, n_layers=n_layers, vocab_size=TINY_VOCAB_SIZE)
+    config = GemmaConfig(**{k: v for k, v in config_json.items() if k != "architectures"})
+    model = GemmaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():  # lm_head is tied to the embedding: not listed separately
+            if param.ndim == 1:  # RMSNorm weights, applied as (1 + w)
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+    if safetensors:
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(path, **kwargs)
+    else:
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:  # the released keys, not 5.x's
+        json.dump(config_json, f, indent=2)
+    tokenizer.save_pretrained(path)
+    tokenizer_config_path = os.path.join(path, "tokenizer_config.json")
+    with open(tokenizer_config_path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config.update(add_bos_token=True, add_eos_token=False)
+    with open(tokenizer_config_path, "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
+    return Path(path)

@@ -5,11 +5,13 @@ Importing this package does not need ComfyUI: the nodes then run on plain Python
 
 from .conditioning import LuminaLoadConditioning, LuminaSaveConditioning
 from .latent import LuminaEmptyLatent
-from .loaders import LuminaFlagDiTLoader, LuminaLlamaLoader
+from .loaders import LuminaDiTLoader, LuminaFlagDiTLoader, LuminaLlamaLoader, LuminaTextEncoderLoader
 from .sampling import LuminaCFGGuider, LuminaODESampler, LuminaSampler, LuminaSigmas
 from .text import LuminaTextEncode
 
 _NODES = (
+    (LuminaDiTLoader, "Lumina Load DiT"),
+    (LuminaTextEncoderLoader, "Lumina Load Text Encoder"),
     (LuminaLlamaLoader, "Lumina Load LLaMA Text Encoder"),
     (LuminaFlagDiTLoader, "Lumina Load Flag-DiT"),
     (LuminaTextEncode, "Lumina Text Encode"),

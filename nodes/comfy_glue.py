@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from lumina_core import families
 from lumina_core.casting import dtype_from_name, is_fp8
 from lumina_core.checkpoint import load_flag_dit, read_flag_dit_config
 from lumina_core.conditioning import is_conditioning_file
@@ -31,7 +32,7 @@ from lumina_core.text_encoder import LlamaTextEncoder
 
 from . import flow_model
 from .common import text_from_conditioning
-from .flow_model import ComfyFlagDiT
+from .flow_model import comfy_dit_class
 from .flow_sampler import keep_conditional_channels, lumina_ode
 
 try:
@@ -125,6 +126,25 @@ def _is_llama_folder(path: str) -> bool:
 
 def llama_folder_names() -> list[str]:
     """Folders (relative to a text_encoders model folder, "/"-separated) holding a LLaMA config.json."""
+    return _text_encoder_folders(_is_llama_folder)
+
+
+def text_encoder_folder_names() -> list[str]:
+    """Folders under the text_encoders model folders holding the config.json of any Lumina family's text encoder."""
+    return _text_encoder_folders(families.is_text_encoder_folder)
+
+
+def text_encoder_folder_path(name: str) -> str:
+    roots = model_folders(TEXT_ENCODERS)
+    for root in roots:
+        path = os.path.join(root, _safe_relative(name))
+        if os.path.isdir(path):
+            return path
+    wanted = " or ".join(f.text_encoder_source for f in families.FAMILIES.values())
+    raise FileNotFoundError(f"Text encoder folder {name!r} not found in {roots}: put {wanted} there.")
+
+
+def _text_encoder_folders(accept: Callable[[str], bool]) -> list[str]:
     names = set()
     for root in model_folders(TEXT_ENCODERS):
         if not os.path.isdir(root):
@@ -134,7 +154,7 @@ def llama_folder_names() -> list[str]:
             if depth >= _LLAMA_SEARCH_DEPTH:
                 dirs[:] = []
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            if dirpath != root and _is_llama_folder(dirpath):
+            if dirpath != root and accept(dirpath):
                 names.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
     return sorted(names)
 
@@ -219,19 +239,21 @@ def _text_encoder_dtype(choice: str, load_device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_text_encoder(folder: str, dtype_choice: str) -> LuminaTextEncoderHandle:
+def load_text_encoder(folder: str, dtype_choice: str, family=None) -> LuminaTextEncoderHandle:
+    """The text encoder in `folder`: LLaMA-2 (Lumina-T2I), or the encoder of `family` (a lumina_core Family)."""
+    encoder_class = LlamaTextEncoder if family is None else family.text_encoder_class()
     if not IN_COMFYUI:
-        return LuminaTextEncoderHandle(LlamaTextEncoder.from_folder(folder, dtype=_plain_dtype(dtype_choice)))
+        return LuminaTextEncoderHandle(encoder_class.from_folder(folder, dtype=_plain_dtype(dtype_choice)))
     mm = comfy.model_management
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = _text_encoder_dtype(dtype_choice, load_device)
     compute_dtype = None
     if is_fp8(dtype):
         compute_dtype = torch.bfloat16 if mm.should_use_bf16(load_device, prioritize_performance=False) else torch.float32
-    # The linear layers (all but 0.1% of LLaMA's weights) become comfy.ops layers: they cast fp8 weights per layer,
-    # and ComfyUI's low-VRAM mode can keep some of them in system memory and stream them in.
+    # The linear layers (all but a few percent of LLaMA's or Gemma's weights) become comfy.ops layers: they cast fp8
+    # weights per layer, and ComfyUI's low-VRAM mode can keep some of them in system memory and stream them in.
     linear_cls = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device).Linear
-    encoder = LlamaTextEncoder.from_folder(
+    encoder = encoder_class.from_folder(
         folder, dtype=dtype, device=offload_device, compute_dtype=compute_dtype, linear_cls=linear_cls
     )
     # ModelPatcher moves the encoder to the GPU for encoding (partly, in low-VRAM mode) and back when the DiT needs
@@ -240,6 +262,11 @@ def load_text_encoder(folder: str, dtype_choice: str) -> LuminaTextEncoderHandle
         LuminaLlamaModule(encoder.model), load_device=load_device, offload_device=offload_device
     )
     return LuminaTextEncoderHandle(encoder, patcher)
+
+
+def load_family_text_encoder(folder: str, dtype_choice: str) -> LuminaTextEncoderHandle:
+    """The text encoder in `folder`, of the family its config.json names (LLaMA-2 or Gemma)."""
+    return load_text_encoder(folder, dtype_choice, family=families.text_encoder_family(folder))
 
 
 def encode_text(handle: LuminaTextEncoderHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,9 +287,10 @@ class PlainModel:
         self.load_device = next(dit.parameters()).device
 
 
-def _build_dit(dit_config, dtype=None, device=None, operations=None):
+def _build_dit(dit_config, dtype=None, device=None, operations=None, family: str = "lumina_t2i"):
     # Built on the meta device: the weights are assigned from the checkpoint right after, never allocated twice.
-    return ComfyFlagDiT(dit_config, operations=operations, device="meta", dtype=dtype)
+    dit_class = comfy_dit_class(families.get_family(family))
+    return dit_class(dit_config, operations=operations, device="meta", dtype=dtype)
 
 
 if IN_COMFYUI:
@@ -313,38 +341,62 @@ if IN_COMFYUI:
             if features is not None:
                 which = kwargs.get("prompt_type") or "text"
                 cap_feat_dim = self.diffusion_model.config.cap_feat_dim
-                features, mask = text_from_conditioning([[features, kwargs]], cap_feat_dim, which)
+                family = self.diffusion_model.family
+                features, mask = text_from_conditioning([[features, kwargs]], cap_feat_dim, which, family=family)
                 out["c_crossattn"] = LuminaTextCond(features)
                 # int64 so that BaseModel passes it on uncast (float conds are cast to the weights' dtype).
                 out["attention_mask"] = LuminaTextCond(mask.to(torch.int64))
             return out
 
 
-def _parameter_count(config) -> int:
+    _MODEL_CONFIGS: dict = {}
+    # The registry's latent format names -> ComfyUI's latent formats.
+    _LATENT_FORMATS = {"sdxl": comfy.latent_formats.SDXL}
+
+    def _model_config_class(family):
+        """LuminaT2IConfig with the family's default shift and latent format."""
+        if family.name not in _MODEL_CONFIGS:
+            attrs = {
+                "sampling_settings": {"multiplier": 1.0, "shift": family.defaults.shift},
+                "latent_format": _LATENT_FORMATS[family.latent_format],
+            }
+            name = family.title.replace("-", "") + "Config"
+            _MODEL_CONFIGS[family.name] = type(name, (LuminaT2IConfig,), attrs)
+        return _MODEL_CONFIGS[family.name]
+
+
+def _parameter_count(config, dit_class=FlagDiT) -> int:
     with torch.device("meta"):
-        return sum(p.numel() for p in FlagDiT(config).parameters())
+        return sum(p.numel() for p in dit_class(config).parameters())
 
 
-def load_flag_dit_model(path: str, dtype_choice: str):
-    """A MODEL holding the Flag-DiT at `path`: a ComfyUI ModelPatcher inside ComfyUI, a PlainModel outside."""
+def load_dit_model(path: str, dtype_choice: str):
+    """A MODEL holding the DiT at `path`, whichever family its keys say it belongs to (Flag-DiT or Next-DiT)."""
+    return load_flag_dit_model(path, dtype_choice, family=families.checkpoint_family(path))
+
+
+def load_flag_dit_model(path: str, dtype_choice: str, family=None):
+    """A MODEL holding the Flag-DiT at `path` (or the DiT of `family`, a lumina_core Family): a ComfyUI
+    ModelPatcher inside ComfyUI, a PlainModel outside."""
+    family = families.LUMINA_T2I if family is None else family
     if not IN_COMFYUI:
-        return PlainModel(load_flag_dit(path, dtype=_plain_dtype(dtype_choice), device="cpu"))
+        return PlainModel(family.load_dit(path, dtype=_plain_dtype(dtype_choice), device="cpu"))
     mm = comfy.model_management
-    config = read_flag_dit_config(path)  # refuses a foreign checkpoint before any weight is read
+    config = family.read_dit_config(path)  # refuses a foreign checkpoint before any weight is read
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     if dtype_choice == "auto":
         supported = LuminaT2IConfig.supported_inference_dtypes
-        dtype = mm.unet_dtype(model_params=_parameter_count(config), supported_dtypes=supported)
+        dtype = mm.unet_dtype(model_params=_parameter_count(config, family.dit_class()), supported_dtypes=supported)
     else:
         dtype = dtype_from_name(dtype_choice)
     manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, LuminaT2IConfig.supported_inference_dtypes)
-    model_config = LuminaT2IConfig({"dit_config": config})
+    model_config = _model_config_class(family)({"dit_config": config, "family": family.name})
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
     model = LuminaT2I(model_config)
     patcher = comfy.model_patcher.CoreModelPatcher(model, load_device=load_device, offload_device=offload_device)
     # The core loads the released layout (memory-mapped, cast as read) into torch.nn layers; its tensors are then
     # assigned to the comfy.ops layers of the same names, so there is one copy of the weights.
-    weights = load_flag_dit(path, dtype=dtype, device="cpu")
+    weights = family.load_dit(path, dtype=dtype, device="cpu")
     model.diffusion_model.load_state_dict(weights.state_dict(), strict=True, assign=True)
     del weights
     model.diffusion_model.compute_dtype = manual_cast_dtype
@@ -354,15 +406,17 @@ def load_flag_dit_model(path: str, dtype_choice: str):
     return patcher
 
 
-def lumina_dit(model) -> FlagDiT:
-    """The Flag-DiT inside a MODEL, or a ValueError saying which node to use."""
+def lumina_dit(model):
+    """The Lumina DiT (Flag-DiT or Next-DiT) inside a MODEL, or a ValueError saying which node to use."""
     inner = getattr(model, "model", None)
     dit = getattr(inner, "diffusion_model", None)
-    if not isinstance(dit, FlagDiT):
+    family = getattr(dit, "family", None)
+    if family not in families.FAMILIES or not isinstance(dit, families.get_family(family).dit_class()):
         what = type(inner).__name__ if inner is not None else type(model).__name__
         raise ValueError(
-            f"The MODEL input is a {what} model, not a Lumina-T2I Flag-DiT. Load the DiT with the Lumina Load "
-            f"Flag-DiT node (models/diffusion_models) and connect that MODEL."
+            f"The MODEL input is a {what} model, not a Lumina-T2I Flag-DiT (nor a Lumina-Next Next-DiT). Load the "
+            f"DiT with the Lumina Load DiT node (or Lumina Load Flag-DiT; models/diffusion_models) and connect that "
+            f"MODEL."
         )
     return dit
 

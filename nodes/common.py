@@ -10,12 +10,12 @@ from typing import Optional
 import torch
 
 from lumina_core.casting import DTYPE_NAMES
-from lumina_core.conditioning import T2I_FAMILY, check_family
 from lumina_core.latent import LATENT_CHANNELS
 
 # Conditioning made by Lumina Text Encode carries this key (value True) next to its attention mask.
 LUMINA_MARKER = "lumina_t2i_llama"
-# ... and the text-encoder family (absent: Lumina-T2I) and the prompt, for Lumina Save Conditioning.
+# ... the family name of the text encoder that made it (absent: Lumina-T2I), and the prompt (for Lumina Save
+# Conditioning).
 FAMILY_KEY = "lumina_family"
 PROMPT_KEY = "lumina_prompt"
 TEXT_ENCODER_TYPE = "LUMINA_TEXT_ENCODER"
@@ -31,31 +31,42 @@ RESOLUTION_PRESETS = ("1024x1024", "512x2048", "2048x512", "1664x1664", "2048x10
 CUSTOM = "custom"
 
 _TEXT_NODE = "a Lumina Text Encode node (fed by Lumina Load LLaMA Text Encoder)"
+_TEXT_NODE_ANY = "a Lumina Text Encode node (fed by Lumina Load Text Encoder)"
 # Feature widths of text encoders people wire in by mistake.
 _KNOWN_WIDTHS = {
     768: "SD1.x CLIP (CLIP Text Encode)",
     1024: "SD2.x CLIP (CLIP Text Encode)",
     1280: "SDXL refiner CLIP (CLIP Text Encode)",
     2048: "SDXL CLIP (CLIP Text Encode)",
-    2304: "Gemma-2B (Lumina 2 / Lumina-Next)",
+    2304: "Gemma-2 2B (Lumina-Image-2.0)",
     4096: "T5-XXL (SD3/Flux) or another 4096-wide encoder",
 }
 
 
 def make_conditioning(
-    features: torch.Tensor, mask: torch.Tensor, *, prompt: Optional[str] = None, family: str = T2I_FAMILY
+    features: torch.Tensor, mask: torch.Tensor, *, prompt: Optional[str] = None, family: Optional[str] = None
 ) -> list:
-    """Standard ComfyUI CONDITIONING: [[features [B,L,D], {"attention_mask": [B,L] bool, marker, family, prompt}]]."""
-    extras = {"attention_mask": mask.bool(), LUMINA_MARKER: True, FAMILY_KEY: family}
+    """Standard ComfyUI CONDITIONING: [[features [B,L,D], {"attention_mask": [B,L] bool, marker, family, prompt}]].
+
+    family: the model family of the text encoder (`lumina_core.families`); conditioning without one (made before
+    Lumina-Next was supported) is Lumina-T2I's.
+    """
+    extras = {"attention_mask": mask.bool(), LUMINA_MARKER: True}
+    if family is not None:
+        extras[FAMILY_KEY] = family
     if prompt is not None:
         extras[PROMPT_KEY] = prompt
     return [[features, extras]]
 
 
 def text_from_conditioning(
-    conditioning, cap_feat_dim: int, which: str, *, family: str = T2I_FAMILY
+    conditioning, cap_feat_dim: int, which: str, family: Optional[str] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, mask) of a Lumina conditioning, refusing anything else with a message naming the fix."""
+    """(features, mask) of a Lumina conditioning, refusing anything else with a message naming the fix.
+
+    family: the family of the DiT it is for; conditioning made by another family's text encoder is refused with the
+    encoder the DiT needs.
+    """
     if not conditioning:
         raise ValueError(f"The {which} conditioning is empty: connect {_TEXT_NODE}.")
     if len(conditioning) > 1:
@@ -66,19 +77,21 @@ def text_from_conditioning(
         )
     features, extras = conditioning[0][0], conditioning[0][1]
     width = int(features.shape[-1]) if torch.is_tensor(features) and features.ndim == 3 else None
+    fam = _family(family)
     if not extras.get(LUMINA_MARKER):
         guess = _KNOWN_WIDTHS.get(width, "another text encoder")
+        text_node = _TEXT_NODE if fam.name == "lumina_t2i" else _TEXT_NODE_ANY
         raise ValueError(
             f"The {which} conditioning was not made by Lumina Text Encode: it holds {width}-wide features, which "
-            f"looks like {guess}. Lumina-T2I needs LLaMA-2-7B features: connect {_TEXT_NODE}."
+            f"looks like {guess}. {fam.title} needs {fam.text_encoder_title} features: connect {text_node}."
         )
-    if extras.get(FAMILY_KEY, T2I_FAMILY) != family:
-        check_family({"family": extras[FAMILY_KEY], "width": width}, family=family, width=cap_feat_dim,
-                     source=f"The {which} conditioning")
+    if family is not None:
+        check_same_family_conditioning(extras, family, which)
     if width != cap_feat_dim:
         raise ValueError(
-            f"The {which} conditioning has {width}-wide features but this Flag-DiT expects {cap_feat_dim} "
-            f"(its cap_feat_dim). Load the text encoder the DiT was trained with (LLaMA-2-7B for Lumina-T2I)."
+            f"The {which} conditioning has {width}-wide features but this {fam.dit_title} expects {cap_feat_dim} "
+            f"(its cap_feat_dim). Load the text encoder the DiT was trained with ({fam.text_encoder_title} for "
+            f"{fam.title})."
         )
     mask = extras.get("attention_mask")
     if mask is None:
@@ -90,6 +103,20 @@ def text_from_conditioning(
             f"ConditioningConcat). Connect Lumina Text Encode directly."
         )
     return features, mask.bool()
+
+
+def _family(name: Optional[str]):
+    from lumina_core.families import get_family
+
+    return get_family(name or "lumina_t2i")
+
+
+def check_same_family_conditioning(extras: dict, dit_family: str, which: str = "text") -> None:
+    """Refuse conditioning of one family's text encoder for another family's DiT, naming the right encoder."""
+    from lumina_core.families import check_same_family, get_family
+
+    text_family = get_family(extras.get(FAMILY_KEY) or "lumina_t2i")
+    check_same_family(get_family(dit_family), text_family, what=f"{which} conditioning")
 
 
 def nearest_multiples(pixels: int, multiple: int = PIXEL_MULTIPLE) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The Flag-DiT as ComfyUI's sampling machinery calls it.
+"""The Lumina DiTs (Flag-DiT, Next-DiT) as ComfyUI's sampling machinery calls them.
 
 ComfyUI's flow models ("FLOW" model type, `CONST` parameterisation) describe the path as x = sigma*noise +
 (1-sigma)*data and expect the network to return v_comfy = noise - data, from which they compute
@@ -9,7 +9,7 @@ The conversion between the two conventions lives here and nowhere else on the mo
 Per-step work that is not tensor maths (sigma -> t, the resolution extrapolation of the step, finding the text
 prepared for this generation) is done by `apply_model_wrapper`, outside the network's forward, so that
 `torch.compile` (ComfyUI's TorchCompileModel) traces `ComfyFlagDiT.forward` as one graph: the forward then receives
-a `LuminaStep` and only computes.
+a `LuminaStep` and only computes. (The Next-DiT reads its time-aware RoPE switch off t itself, as the original.)
 
 Nothing here imports ComfyUI, so the conversion, the wrappers and the cache are tested without it.
 """
@@ -22,15 +22,18 @@ from typing import Optional
 
 import torch
 
+from lumina_core.families import LUMINA_T2I, family_of
 from lumina_core.model import FlagDiT, TextContext
-from lumina_core.sampling import EXTRAPOLATIONS, extrapolation_kwargs
+from lumina_core.next_dit import NextDiT
+from lumina_core.sampling import EXTRAPOLATIONS
 
 logger = logging.getLogger(__name__)
 
 # transformer_options key a workflow may set to choose the resolution extrapolation of the MODEL path.
 EXTRAPOLATION_OPTION = "lumina_extrapolation"
-# The default of the MODEL path equals the Lumina Sampler's default, so both samplers compute the same thing.
-DEFAULT_EXTRAPOLATION = "t2i"
+# The default of the MODEL path is the family's (Lumina-T2I: "t2i"), the Lumina Sampler's default for it, so both
+# samplers compute the same thing.
+DEFAULT_EXTRAPOLATION = LUMINA_T2I.defaults.extrapolation
 # transformer_options key holding the per-generation TextCache (set by `outer_sample_wrapper`).
 TEXT_CACHE_OPTION = "lumina_text_cache"
 # transformer_options key: the sigma the Lumina DiT computes at when ComfyUI's sigma is only a stand-in (see
@@ -78,7 +81,7 @@ class TextCache:
         self.entries: dict = {}
         self.prepared = 0
 
-    def get(self, dit: FlagDiT, key, context: torch.Tensor, mask: torch.Tensor) -> TextContext:
+    def get(self, dit, key, context: torch.Tensor, mask: torch.Tensor) -> TextContext:
         entry = self.entries.get(key)
         if entry is not None:
             old_context, old_mask, text = entry
@@ -97,14 +100,14 @@ def _text_mask(context: torch.Tensor, attention_mask: Optional[torch.Tensor]) ->
     return attention_mask.to(context.device) != 0
 
 
-def _extrapolation_mode(options: dict) -> str:
-    mode = options.get(EXTRAPOLATION_OPTION, DEFAULT_EXTRAPOLATION)
+def _extrapolation_mode(options: dict, default: str) -> str:
+    mode = options.get(EXTRAPOLATION_OPTION, default)
     if mode not in EXTRAPOLATIONS:
         raise ValueError(f"transformer_options[{EXTRAPOLATION_OPTION!r}] = {mode!r}; use one of {EXTRAPOLATIONS}")
     return mode
 
 
-def make_step(dit: FlagDiT, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+def make_step(dit, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
               attention_mask: Optional[torch.Tensor], transformer_options: dict) -> LuminaStep:
     """The LuminaStep of one call: t from the network sigma, the text from the generation's cache (or prepared
     now when there is none), and the step's extrapolation with its RoPE table computed ahead, so that the forward
@@ -123,11 +126,15 @@ def make_step(dit: FlagDiT, x: torch.Tensor, sigma: torch.Tensor, context: torch
         key = (tuple(options.get("uuids") or ()), tuple(options.get("cond_or_uncond") or ()), str(x.device))
         text = cache.get(dit, key, context, mask)
     # One sampling step shares one t across the batch; time-aware extrapolation switches on it.
-    extra = extrapolation_kwargs(_extrapolation_mode(options), x.shape[-2], x.shape[-1], float(t.reshape(-1)[0]))
-    p = dit.config.patch_size
-    seq_len = (x.shape[-2] // p) * (x.shape[-1] // p + 1)  # patches plus one end-of-line token per row
-    dit.rope(seq_len, ntk_factor=extra.get("ntk_factor", 1.0), rope_scaling_factor=extra.get("rope_scaling_factor"),
-             device=x.device, cache=text.rope_cache)
+    family = family_of(dit)
+    mode = _extrapolation_mode(options, family.defaults.extrapolation)
+    extra = family.extrapolation_kwargs(mode, x.shape[-2], x.shape[-1], float(t.reshape(-1)[0]),
+                                        family.defaults.watershed)
+    if isinstance(dit, FlagDiT):
+        p = dit.config.patch_size
+        seq_len = (x.shape[-2] // p) * (x.shape[-1] // p + 1)  # patches plus one end-of-line token per row
+        dit.rope(seq_len, ntk_factor=extra.get("ntk_factor", 1.0),
+                 rope_scaling_factor=extra.get("rope_scaling_factor"), device=x.device, cache=text.rope_cache)
     return LuminaStep(t=t, text=text, extrapolation=extra)
 
 
@@ -140,7 +147,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     """
     dit = executor.class_obj.diffusion_model
     dit = getattr(dit, "_orig_mod", dit)  # a torch.compile'd module wraps the DiT
-    if c_crossattn is not None and isinstance(dit, FlagDiT):
+    if c_crossattn is not None and isinstance(dit, (FlagDiT, NextDiT)):
         kwargs[STEP_KWARG] = make_step(dit, x, t, c_crossattn.to(x.device), kwargs.get("attention_mask"),
                                        transformer_options)
     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -163,11 +170,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             options[TEXT_CACHE_OPTION] = previous
 
 
-class ComfyFlagDiT(FlagDiT):
-    """A FlagDiT whose forward takes ComfyUI's arguments; every other method (and the parameter names) is the core's.
+class ComfyFlowMixin:
+    """Gives a Lumina DiT ComfyUI's forward; every other method (and the parameter names) stays the core's.
 
-    `lumina_core.sampling.sample` drives it through `prepare_text`/`forward_with_text`, which are unchanged, so the
-    Lumina Sampler and ComfyUI's samplers share one set of weights.
+    `lumina_core.sampling.sample` drives the same object through `prepare_text`/`forward_with_text`, which are
+    unchanged, so the Lumina Sampler and ComfyUI's samplers share one set of weights. The resolution extrapolation
+    of this path is the family's default (its demo's) unless transformer_options sets EXTRAPOLATION_OPTION.
     """
 
     def __init__(self, config, operations=None, device=None, dtype: Optional[torch.dtype] = None):
@@ -185,13 +193,32 @@ class ComfyFlagDiT(FlagDiT):
         With `lumina_step` (added by `apply_model_wrapper`) the call is pure tensor maths; without it (a direct
         call) the text and the extrapolation are worked out here.
         """
-        if lumina_step is not None:
-            step = lumina_step
-            return comfy_output_from_velocity(self.forward_with_text(x, step.t, step.text, **step.extrapolation))
-        if context is None:
-            raise ValueError(
-                "No text conditioning reached the Lumina Flag-DiT: connect the sampler's positive and negative "
-                "inputs to Lumina Text Encode nodes."
-            )
-        step = make_step(self, x, timesteps, context, attention_mask, transformer_options or {})
+        if lumina_step is None:
+            if context is None:
+                family = family_of(self)
+                raise ValueError(
+                    f"No text conditioning reached the {family.title} {family.dit_title}: connect the sampler's "
+                    f"positive and negative inputs to Lumina Text Encode nodes."
+                )
+            lumina_step = make_step(self, x, timesteps, context, attention_mask, transformer_options or {})
+        step = lumina_step
         return comfy_output_from_velocity(self.forward_with_text(x, step.t, step.text, **step.extrapolation))
+
+
+class ComfyFlagDiT(ComfyFlowMixin, FlagDiT):
+    """The Lumina-T2I Flag-DiT with ComfyUI's forward."""
+
+
+class ComfyNextDiT(ComfyFlowMixin, NextDiT):
+    """The Lumina-Next Next-DiT with ComfyUI's forward."""
+
+
+_COMFY_CLASSES = {cls.family: cls for cls in (ComfyFlagDiT, ComfyNextDiT)}
+
+
+def comfy_dit_class(family) -> type:
+    """The ComfyUI-callable DiT class of a family; a new family's DiT gets one made on demand."""
+    if family.name not in _COMFY_CLASSES:
+        base = family.dit_class()
+        _COMFY_CLASSES[family.name] = type(f"Comfy{base.__name__}", (ComfyFlowMixin, base), {})
+    return _COMFY_CLASSES[family.name]

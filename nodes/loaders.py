@@ -1,4 +1,5 @@
-"""Loader nodes: the LLaMA-2 text encoder and the Flag-DiT (as a native ComfyUI MODEL)."""
+"""Loader nodes: family-detecting DiT and text-encoder loaders (Lumina-T2I and Lumina-Next), and the original
+LLaMA-2 and Flag-DiT loaders, kept so that saved workflows still load."""
 
 from __future__ import annotations
 
@@ -75,3 +76,82 @@ class LuminaFlagDiTLoader:
 
     def load(self, dit_name, weight_dtype):
         return (comfy_glue.load_flag_dit_model(comfy_glue.diffusion_model_path(dit_name), weight_dtype),)
+
+
+class LuminaDiTLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit_name": (
+                    comfy_glue.diffusion_model_names(),
+                    {
+                        "tooltip": "A Lumina DiT checkpoint in models/diffusion_models: the Lumina-T2I Flag-DiT, or "
+                        "the Lumina-Next Next-DiT in its original (consolidated.00-of-01) or diffusers "
+                        "(diffusion_pytorch_model.safetensors) layout. The family is read from the file."
+                    },
+                ),
+                "weight_dtype": (
+                    list(DTYPE_CHOICES),
+                    {
+                        "default": "auto",
+                        "tooltip": "Dtype the weights are kept in. auto: bf16 where the GPU supports it, else "
+                        "fp32 (ComfyUI's --*-unet flags win). fp16 may overflow.",
+                    },
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (
+        "A native ComfyUI MODEL (rectified flow, SDXL latents, the family's shift): use it with the Lumina Sampler, "
+        "KSampler or SamplerCustomAdvanced.",
+    )
+    FUNCTION = "load"
+    CATEGORY = "Lumina/loaders"
+    DESCRIPTION = (
+        "Loads a Lumina DiT, Flag-DiT (Lumina-T2I) or Next-DiT (Lumina-Next), found out from the file's keys, as a "
+        "ComfyUI MODEL with low-VRAM offloading and casting."
+    )
+
+    def load(self, dit_name, weight_dtype):
+        return (comfy_glue.load_dit_model(comfy_glue.diffusion_model_path(dit_name), weight_dtype),)
+
+
+class LuminaTextEncoderLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_folder": (
+                    comfy_glue.text_encoder_folder_names(),
+                    {
+                        "tooltip": "A Hugging Face folder (config.json, tokenizer, weights) under "
+                        "models/text_encoders: LLaMA-2-7B (Llama-2-7b-hf) for Lumina-T2I, Gemma-2B (gemma-2b) for "
+                        "Lumina-Next. The encoder is chosen from the folder's config.json."
+                    },
+                ),
+                "dtype": (
+                    list(DTYPE_CHOICES),
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight dtype. auto: bf16 where the GPU supports it, else fp16, fp32 on the CPU "
+                        "(ComfyUI's --bf16/--fp16/--fp32-text-enc flags win).",
+                    },
+                ),
+            }
+        }
+
+    RETURN_TYPES = (TEXT_ENCODER_TYPE,)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The text encoder; ComfyUI moves it to the GPU only while it encodes.",)
+    FUNCTION = "load"
+    CATEGORY = "Lumina/loaders"
+    DESCRIPTION = (
+        "Loads the text encoder of a Lumina family from a Hugging Face folder: LLaMA-2-7B (Lumina-T2I) or "
+        "Gemma-2B (Lumina-Next), recognised from its config.json."
+    )
+
+    def load(self, text_encoder_folder, dtype):
+        folder = comfy_glue.text_encoder_folder_path(text_encoder_folder)
+        return (comfy_glue.load_family_text_encoder(folder, dtype),)

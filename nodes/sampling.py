@@ -53,7 +53,7 @@ class LuminaSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "From Lumina Load Flag-DiT."}),
+                "model": ("MODEL", {"tooltip": "From Lumina Load DiT (or Lumina Load Flag-DiT)."}),
                 "positive": ("CONDITIONING", {"tooltip": "From Lumina Text Encode: the prompt."}),
                 "negative": (
                     "CONDITIONING",
@@ -125,8 +125,8 @@ class LuminaSampler:
         dit = comfy_glue.lumina_dit(model)
         raw = check_latent(latent_image)
         cap = dit.config.cap_feat_dim
-        cond = text_from_conditioning(positive, cap, "positive")
-        uncond = text_from_conditioning(negative, cap, "negative") if cfg != 1.0 else None
+        cond = text_from_conditioning(positive, cap, "positive", family=dit.family)
+        uncond = text_from_conditioning(negative, cap, "negative", family=dit.family) if cfg != 1.0 else None
         out = {k: v for k, v in latent_image.items() if k != "downscale_ratio_spacial"}
         if comfy_glue.IN_COMFYUI:
             out["samples"] = self._sample_in_comfyui(

@@ -17,6 +17,8 @@ WORKFLOWS = REPO / "workflows"
 # File names the README tells users to use.
 DIT_NAME = "lumina_t2i_5b_bf16.safetensors"
 LLAMA_NAME = "Llama-2-7b-hf"
+NEXT_DIT_NAME = "lumina_next_sft.safetensors"
+GEMMA_NAME = "gemma-2b"
 VAE_NAME = "sdxl_vae.safetensors"
 
 TINY_HIDDEN = 32  # tiny LLaMA hidden size = tiny Flag-DiT cap_feat_dim
@@ -207,9 +209,12 @@ def load_workflows() -> dict[str, dict]:
 # Tiny models under the README names
 
 
-def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0) -> dict:
+def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lumina_next: bool = False) -> dict:
     """models/diffusion_models/<DIT_NAME> (a tiny Flag-DiT in the released key layout) and
-    models/text_encoders/<LLAMA_NAME>/ (a tiny LLaMA folder) under `root`; returns their paths."""
+    models/text_encoders/<LLAMA_NAME>/ (a tiny LLaMA folder) under `root`; returns their paths.
+
+    lumina_next: also <NEXT_DIT_NAME> (a tiny Next-DiT, original layout) and <GEMMA_NAME>/ (a tiny Gemma folder).
+    """
     from lumina_core.tiny import make_tiny_llama_folder, write_tiny_flag_dit
 
     root = Path(root)
@@ -218,7 +223,13 @@ def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0) -> 
     te_dir.mkdir(parents=True, exist_ok=True)
     dit_path = write_tiny_flag_dit(dit_dir / DIT_NAME, seed, cap_feat_dim=hidden_size)
     llama = make_tiny_llama_folder(te_dir / LLAMA_NAME, hidden_size=hidden_size, seed=seed)
-    return {"root": root, "dit": dit_path, "llama": Path(llama)}
+    paths = {"root": root, "dit": dit_path, "llama": Path(llama)}
+    if lumina_next:
+        from lumina_core.tiny import make_tiny_gemma_folder, write_tiny_next_dit
+
+        paths["next"] = write_tiny_next_dit(dit_dir / NEXT_DIT_NAME, seed, cap_feat_dim=hidden_size)
+        paths["gemma"] = Path(make_tiny_gemma_folder(te_dir / GEMMA_NAME, hidden_size, seed))
+    return paths
 
 
 # Run by ComfyUI's own python: a random SDXL-shaped VAE built with ComfyUI's AutoencoderKL (the class its VAE

@@ -23,6 +23,8 @@ from tests.helpers_dit import make_tiny_flag_dit, random_text
 
 N = NODE_CLASS_MAPPINGS
 EXPECTED_NODES = {
+    "LuminaDiTLoader",
+    "LuminaTextEncoderLoader",
     "LuminaLlamaLoader",
     "LuminaFlagDiTLoader",
     "LuminaTextEncode",

@@ -10,7 +10,9 @@ from tests.helpers_nodes import (
     CORE_NODES,
     DIT_NAME,
     FRONTEND_ONLY,
+    GEMMA_NAME,
     LLAMA_NAME,
+    NEXT_DIT_NAME,
     VAE_NAME,
     load_workflows,
     pack_object_info,
@@ -33,6 +35,11 @@ SAVED_CONDITIONING = {
     f"{n['widgets_values'][0]}_00001_.safetensors [output]"
     for wf in WORKFLOWS.values() for n in wf["nodes"] if n["type"] == "LuminaSaveConditioning"
 }
+# The family-detecting loaders take either family's file.
+MODEL_CHOICES = {("LuminaDiTLoader", "dit_name"): (DIT_NAME, NEXT_DIT_NAME),
+                 ("LuminaTextEncoderLoader", "text_encoder_folder"): (LLAMA_NAME, GEMMA_NAME)}
+DIT_LOADERS = ("LuminaFlagDiTLoader", "LuminaDiTLoader")
+TEXT_ENCODER_LOADERS = ("LuminaLlamaLoader", "LuminaTextEncoderLoader")
 
 
 def _nodes(wf, type_=None):
@@ -134,6 +141,8 @@ def test_widget_values_within_declared_limits(name):
                 assert value == MODEL_FILES[(type_, input_name)], where
             elif (type_, input_name) == ("LuminaLoadConditioning", "conditioning_file"):
                 assert value in SAVED_CONDITIONING, where
+            elif (type_, input_name) in MODEL_CHOICES:
+                assert value in MODEL_CHOICES[(type_, input_name)], where
             else:
                 _check_value(where, kind, opts, value)
             i += 1
@@ -161,7 +170,8 @@ def test_converts_to_a_complete_api_prompt(name):
 def test_samplers_take_lumina_text_and_models(name):
     wf = WORKFLOWS[name]
     for node in _nodes(wf, "LuminaSampler") + _nodes(wf, "CFGGuider"):
-        assert _source(wf, node, "model")["type"] == "LuminaFlagDiTLoader"
+        dit = _source(wf, node, "model")
+        assert dit["type"] in DIT_LOADERS
         for which in ("positive", "negative"):
             encode = _source(wf, node, which)
             if encode["type"] == "LuminaLoadConditioning":  # a saved encoding: no text encoder in this workflow
@@ -169,7 +179,10 @@ def test_samplers_take_lumina_text_and_models(name):
             if encode["type"] == "LuminaSaveConditioning":  # passes the encoding through while saving it
                 encode = _source(wf, encode, "conditioning")
             assert encode["type"] == "LuminaTextEncode"
-            assert _source(wf, encode, "text_encoder")["type"] == "LuminaLlamaLoader"
+            loader = _source(wf, encode, "text_encoder")
+            assert loader["type"] in TEXT_ENCODER_LOADERS
+            # The DiT and the text encoder belong to one family (the README's file names say which).
+            assert (dit["widgets_values"][0] == NEXT_DIT_NAME) == (loader["widgets_values"][0] == GEMMA_NAME)
     for node in _nodes(wf, "VAEDecode") + _nodes(wf, "VAEEncode"):
         assert _source(wf, node, "vae")["type"] == "VAELoader"
     assert _nodes(wf, "SaveImage"), "every example saves its images"
@@ -238,3 +251,23 @@ def test_comfy_custom_sampler_with_lumina_sigmas():
         return False
 
     assert _scenario(custom)
+
+
+def _next_samplers(wf):
+    return [widget_values(s, PACK["LuminaSampler"]) for s in _nodes(wf, "LuminaSampler")
+            if _source(wf, s, "model")["widgets_values"][0] == NEXT_DIT_NAME]
+
+
+def test_lumina_next_1024_with_the_demo_settings():
+    assert _scenario(lambda wf: any(v["resolution"] == "1024x1024" for v in _latent_values(wf))
+                     and any((v["solver"], v["steps"], v["shift"], v["cfg"]) == ("midpoint", 29, 4.0, 4.0)
+                             for v in _next_samplers(wf)))
+
+
+def test_lumina_next_extrapolation_beyond_the_trained_area_with_time_aware_scaling():
+    def big(wf):
+        sizes = [v for v in _latent_values(wf) if v["resolution"] != "custom"]
+        return any(int(w) * int(h) > 1024 * 1024 for v in sizes for w, h in [v["resolution"].split("x")])
+
+    assert _scenario(lambda wf: big(wf) and any(v["extrapolation"] == "time_aware" and v["solver"] == "midpoint"
+                                                 for v in _next_samplers(wf)))

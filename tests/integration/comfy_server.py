@@ -186,7 +186,7 @@ def start_server(base: Path) -> Server:
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(exist_ok=True)
     models = base / "models"
-    make_tiny_models(models)
+    make_tiny_models(models, lumina_next=True)
     (models / "vae").mkdir(exist_ok=True)
     for script, target in ((VAE_SCRIPT, models / "vae" / VAE_NAME), (INPUT_SCRIPT, base / "input" / INPUT_IMAGE)):
         result = subprocess.run([COMFYUI_PYTHON, "-c", script, str(target)], cwd=COMFYUI_DIR, capture_output=True,

@@ -23,7 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, REPO, VAE_NAME, load_workflows, ui_to_api  # noqa: E402
+from tests.helpers_nodes import (  # noqa: E402
+    DIT_NAME,
+    LLAMA_NAME,
+    NEXT_DIT_NAME,
+    REPO,
+    VAE_NAME,
+    load_workflows,
+    ui_to_api,
+)
 from tests.integration.comfy_server import (  # noqa: E402
     COMFYUI_DIR,
     COMFYUI_PYTHON,
@@ -70,7 +78,9 @@ def test_nodes_registered_without_import_errors(server):
         assert info is not None, f"{node_id} is not registered"
         assert info["display_name"] == display
         assert info["category"].startswith("Lumina/")
-    assert server.object_info["LuminaFlagDiTLoader"]["input"]["required"]["dit_name"][0] == [DIT_NAME]
+    # The models tree holds a tiny Lumina-Next DiT too (for the Lumina-Next workflows).
+    assert server.object_info["LuminaFlagDiTLoader"]["input"]["required"]["dit_name"][0] == sorted(
+        [DIT_NAME, NEXT_DIT_NAME])
     assert server.object_info["LuminaLlamaLoader"]["input"]["required"]["llama_folder"][0] == [LLAMA_NAME]
 
 

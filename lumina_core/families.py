@@ -1,0 +1,322 @@
+"""The registry of model families: what Lumina-T2I and Lumina-Next each are, in one place.
+
+A family says how its DiT is recognised from a checkpoint's keys and loaded, how its text encoder is recognised
+from a Hugging Face folder's config.json and loaded, its sampling defaults (those of its original demo), how its
+resolution extrapolation turns into DiT keywords, and its latent format. Loaders, the sampler and the nodes ask
+this module; none of them tests family names. A new family is a DiT module, a text-encoder module and one entry in
+FAMILIES.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import CheckpointError, _check_path, _describe_foreign, _find_prefix
+from .tensor_io import open_tensor_file
+
+logger = logging.getLogger(__name__)
+
+TRAINED_SIZE = 1024  # both families were trained at 1024x1024 pixels
+_SIDE = TRAINED_SIZE // 16  # 64 patches per side at the trained size (VAE factor 8 x patch 2)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The settings of a family's original demo. steps counts solver steps (the demos' 30 grid points = 29)."""
+
+    solver: str
+    steps: int
+    cfg: float
+    shift: float
+    extrapolation: str
+    guidance: str = "faithful"
+    watershed: float = 0.3
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the value of `model.family` and of a text encoder's `family`
+    title: str  # "Lumina-T2I"
+    dit_title: str  # "Flag-DiT"
+    text_encoder_title: str  # "LLaMA-2-7B"
+    text_encoder_source: str  # where users get the text encoder
+    latent_format: str  # "sdxl": 4-channel SDXL-VAE latents scaled by 0.13025
+    defaults: SamplingDefaults
+    matches_checkpoint: Callable[[list], bool]  # keys of a checkpoint file -> is this family's DiT
+    read_dit_config: Callable  # path -> configuration (no weights read)
+    load_dit: Callable  # (path, *, dtype, device, operations) -> DiT module
+    dit_class: Callable  # () -> the DiT class (imported on demand)
+    matches_text_encoder: Callable[[dict], bool]  # config.json of a folder -> is this family's text encoder
+    text_encoder_class: Callable  # () -> the encoder class with from_folder(path, *, dtype, device)
+    extrapolation_kwargs: Callable  # (mode, latent_h, latent_w, t, watershed) -> DiT keywords
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lumina-T2I
+
+
+def _is_flag_dit(keys: list) -> bool:
+    from .next_dit_checkpoint import next_dit_layout
+
+    if next_dit_layout(keys) is not None:
+        return False
+    prefix = _find_prefix(keys)
+    return prefix is not None and prefix + "eol_token" in keys
+
+
+def _flag_dit_class():
+    from .model import FlagDiT
+
+    return FlagDiT
+
+
+def _read_flag_dit_config(path):
+    from .checkpoint import read_flag_dit_config
+
+    return read_flag_dit_config(path)
+
+
+def _load_flag_dit(path, *, dtype, device, operations=None):
+    from .checkpoint import load_flag_dit
+
+    return load_flag_dit(path, dtype=dtype, device=device, operations=operations)
+
+
+def _is_llama_config(config: dict) -> bool:
+    model_type = str(config.get("model_type", "")).lower()
+    architectures = [str(a) for a in config.get("architectures") or []]
+    return model_type == "llama" or (not model_type and any(a.startswith("Llama") for a in architectures))
+
+
+def _llama_class():
+    from .text_encoder import LlamaTextEncoder
+
+    return LlamaTextEncoder
+
+
+def _t2i_extrapolation(mode: str, latent_h: int, latent_w: int, t: float, watershed: float) -> dict:
+    from .sampling import extrapolation_kwargs
+
+    return extrapolation_kwargs(mode, latent_h, latent_w, t, watershed=watershed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lumina-Next
+
+
+def _is_next_dit(keys: list) -> bool:
+    from .next_dit_checkpoint import next_dit_layout
+
+    return next_dit_layout(keys) is not None
+
+
+def _next_dit_class():
+    from .next_dit import NextDiT
+
+    return NextDiT
+
+
+def _read_next_dit_config(path):
+    from .next_dit_checkpoint import read_next_dit_config
+
+    return read_next_dit_config(path)
+
+
+def _load_next_dit(path, *, dtype, device, operations=None):
+    from .next_dit_checkpoint import load_next_dit
+
+    return load_next_dit(path, dtype=dtype, device=device, operations=operations)
+
+
+def _is_gemma_config(config: dict) -> bool:
+    # Gemma-2B (model_type "gemma"). Gemma 2/3 belong to Lumina-Image-2.0 and are not Lumina-Next's encoder.
+    model_type = str(config.get("model_type", "")).lower()
+    architectures = [str(a) for a in config.get("architectures") or []]
+    return model_type == "gemma" or (
+        not model_type and any(a in ("GemmaModel", "GemmaForCausalLM") for a in architectures)
+    )
+
+
+def _gemma_class():
+    from .text_encoder_gemma import GemmaTextEncoder
+
+    return GemmaTextEncoder
+
+
+def next_dit_extrapolation_kwargs(mode: str, latent_h: int, latent_w: int, t: float, watershed: float) -> dict:
+    """Keywords of NextDiT.forward for an image of latent size (latent_h, latent_w), as the Lumina-Next demo sets them.
+
+    "time_aware" (its default): proportional attention with base_seqlen (1024/16)^2 = 4096 image tokens, and, only
+    for images larger than the trained 1024x1024 area, scale_factor = sqrt(W*H)/1024 with the given watershed (the
+    model switches from linear to NTK RoPE scaling there). "t2i": the same scale as NTK at every step, as Lumina-T2I
+    scales (no time-aware switch). "off": the plain model. t is unused: the Next-DiT reads it itself.
+    """
+    if mode == "off":
+        return {}
+    area_scale = math.sqrt(latent_h * 8 * latent_w * 8) / TRAINED_SIZE
+    kwargs = {"proportional_attn": True, "base_seqlen": _SIDE * _SIDE}
+    if area_scale <= 1.0:
+        return kwargs
+    if mode == "time_aware":
+        kwargs.update(scale_factor=area_scale, scale_watershed=watershed)
+    elif mode == "t2i":
+        kwargs.update(scale_factor=area_scale, scale_watershed=0.0)
+    else:
+        raise ValueError(f"unknown extrapolation {mode!r}; choose one of t2i, time_aware, off")
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registry
+
+LUMINA_T2I = Family(
+    name="lumina_t2i",
+    title="Lumina-T2I",
+    dit_title="Flag-DiT",
+    text_encoder_title="LLaMA-2-7B",
+    text_encoder_source="the Hugging Face folder of meta-llama/Llama-2-7b-hf",
+    latent_format="sdxl",
+    defaults=SamplingDefaults(solver="euler", steps=29, cfg=4.0, shift=4.0, extrapolation="t2i"),
+    matches_checkpoint=_is_flag_dit,
+    read_dit_config=_read_flag_dit_config,
+    load_dit=_load_flag_dit,
+    dit_class=_flag_dit_class,
+    matches_text_encoder=_is_llama_config,
+    text_encoder_class=_llama_class,
+    extrapolation_kwargs=_t2i_extrapolation,
+)
+
+LUMINA_NEXT = Family(
+    name="lumina_next",
+    title="Lumina-Next",
+    dit_title="Next-DiT",
+    text_encoder_title="Gemma-2B",
+    text_encoder_source="the Hugging Face folder of google/gemma-2b",
+    latent_format="sdxl",
+    defaults=SamplingDefaults(solver="midpoint", steps=29, cfg=4.0, shift=4.0, extrapolation="time_aware"),
+    matches_checkpoint=_is_next_dit,
+    read_dit_config=_read_next_dit_config,
+    load_dit=_load_next_dit,
+    dit_class=_next_dit_class,
+    matches_text_encoder=_is_gemma_config,
+    text_encoder_class=_gemma_class,
+    extrapolation_kwargs=next_dit_extrapolation_kwargs,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LUMINA_T2I, LUMINA_NEXT)}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def family_of(obj, default: Optional[str] = None) -> Family:
+    """The family of a DiT, a text encoder or anything else carrying a `family` name.
+
+    Objects without one (plain callables in tests) get `default`, or an error when no default is given.
+    """
+    name = getattr(obj, "family", None) or default
+    if name is None:
+        raise ValueError(f"{type(obj).__name__} does not say which Lumina family it belongs to")
+    return get_family(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Detection from files
+
+
+def checkpoint_family(path) -> Family:
+    """The family whose DiT the checkpoint at `path` holds (read from its key names only), or a CheckpointError
+    naming what the file is instead."""
+    path = _check_path(path)
+    keys = open_tensor_file(path, CheckpointError).keys
+    for family in FAMILIES.values():
+        if family.matches_checkpoint(keys):
+            return family
+    foreign = _describe_foreign(keys)
+    if foreign and "Lumina-Next" not in foreign:
+        raise CheckpointError(f"{path} is {foreign}, not a Lumina-T2I or Lumina-Next DiT")
+    raise CheckpointError(
+        f"{path} is not a Lumina-T2I Flag-DiT or Lumina-Next Next-DiT checkpoint (first keys: "
+        f"{', '.join(keys[:5])}); load it with the node made for its model"
+    )
+
+
+def load_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device="cpu", operations=None):
+    """Load the DiT at `path` (a Flag-DiT, or a Next-DiT in either layout), its family found from its keys."""
+    return checkpoint_family(path).load_dit(path, dtype=dtype, device=device, operations=operations)
+
+
+class TextEncoderFolderError(ValueError):
+    """A folder that holds no text encoder of a known family, with what it holds instead."""
+
+
+def read_folder_config(folder) -> dict:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise TextEncoderFolderError(f"text encoder folder {folder} does not exist or is not a folder")
+    if not path.is_file():
+        raise TextEncoderFolderError(
+            f"No config.json in {folder}: a text encoder is loaded from a whole Hugging Face folder (config.json, "
+            f"tokenizer files, weights), e.g. {LUMINA_T2I.text_encoder_source} or {LUMINA_NEXT.text_encoder_source}"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TextEncoderFolderError(f"{path} could not be read as JSON ({err}); download it again") from None
+    if not isinstance(config, dict):
+        raise TextEncoderFolderError(f"{path} holds {type(config).__name__}, not a model configuration")
+    return config
+
+
+def text_encoder_family(folder) -> Family:
+    """The family whose text encoder the Hugging Face folder holds, from its config.json."""
+    config = read_folder_config(folder)
+    for family in FAMILIES.values():
+        if family.matches_text_encoder(config):
+            return family
+    model_type = config.get("model_type") or ", ".join(config.get("architectures") or []) or "unknown"
+    wanted = "; ".join(f"{f.title}: {f.text_encoder_title}" for f in FAMILIES.values())
+    raise TextEncoderFolderError(
+        f"{folder} holds a {model_type!r} model, which is no Lumina text encoder ({wanted}). Choose the folder of "
+        f"the text encoder your DiT was trained with."
+    )
+
+
+def is_text_encoder_folder(folder) -> bool:
+    """Whether `folder` holds a config.json of a known family's text encoder (for folder lists; never raises)."""
+    try:
+        text_encoder_family(folder)
+    except (TextEncoderFolderError, OSError):
+        return False
+    return True
+
+
+def load_text_encoder(folder, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    """Load the text encoder in `folder` with the class of its family (LLaMA-2 or Gemma), chosen by config.json."""
+    family = text_encoder_family(folder)
+    logger.info("%s holds the %s text encoder of %s", folder, family.text_encoder_title, family.title)
+    return family.text_encoder_class().from_folder(os.fspath(folder), dtype=dtype, device=device)
+
+
+def check_same_family(dit_family: Family, text_family: Family, what: str = "text conditioning") -> None:
+    """Refuse text of one family for a DiT of another, naming the text encoder the DiT needs."""
+    if dit_family.name != text_family.name:
+        raise ValueError(
+            f"The {what} comes from {text_family.text_encoder_title} ({text_family.title}), but the model is a "
+            f"{dit_family.title} {dit_family.dit_title}, which needs {dit_family.text_encoder_title} features: load "
+            f"{dit_family.text_encoder_source} with Lumina Load Text Encoder and encode the prompts with it."
+        )

@@ -1,0 +1,244 @@
+"""The Lumina-Next Next-DiT: Flag-DiT's attention and feed-forward with sandwich norms, 2-D RoPE and tanh gates.
+
+Follows `lumina_next_t2i/models/model.py` of Alpha-VLLM/Lumina-T2X (commit 1c60696; SPEC.md §8) without fairscale
+or flash-attn. Parameter names equal the original checkpoint's keys (`load_state_dict(strict=True)`); the diffusers
+layout is mapped onto them by `lumina_core.next_dit_checkpoint`. Time convention as everywhere in this package:
+t = 0 is noise, t = 1 is data; the model predicts the velocity data - noise.
+
+What it shares with the Flag-DiT (`lumina_core.model`): the attention module (q/k LayerNorm over all heads, RoPE'd
+queries that also attend to the gated caption keys, grouped-query heads), the SwiGLU feed-forward, the timestep
+embedder and the once-per-generation text context.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .casting import is_fp8
+from .config import NextDiTConfig
+from .layers import FP32LayerNorm, RMSNorm, proportional_attention_scale, rope_2d_cos_sin
+from .model import Attention, FeedForward, TextContext, TimestepEmbedder
+
+
+def time_aware_rope_factors(t: float, scale_factor: float, scale_watershed: float) -> tuple[float, float]:
+    """(ntk_factor, linear_factor) of Lumina-Next's time-aware scaling at time t (0 = noise).
+
+    Before the watershed (the noisy start) positions are scaled linearly, from it on theta is scaled (NTK); at
+    t == watershed NTK, as the original's `timestep < scale_watershed` test.
+    """
+    if t < scale_watershed:
+        return 1.0, scale_factor
+    return scale_factor, 1.0
+
+
+def _modulate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1))
+
+
+class NextDiTBlock(nn.Module):
+    def __init__(self, cfg: NextDiTConfig, operations=nn, device=None, dtype=None):
+        super().__init__()
+        norm = dict(eps=cfg.norm_eps, device=device, dtype=dtype)
+        self.attention = Attention(cfg, operations, device, dtype)
+        self.feed_forward = FeedForward(cfg, operations, device, dtype)
+        self.attention_norm1 = RMSNorm(cfg.dim, **norm)
+        self.ffn_norm1 = RMSNorm(cfg.dim, **norm)
+        self.attention_norm2 = RMSNorm(cfg.dim, **norm)
+        self.ffn_norm2 = RMSNorm(cfg.dim, **norm)
+        self.attention_y_norm = RMSNorm(cfg.cap_feat_dim, **norm)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), operations.Linear(cfg.adaln_dim, 4 * cfg.dim, bias=True, device=device, dtype=dtype)
+        )
+
+    def text_kv(self, cap_feats: torch.Tensor):
+        return self.attention.text_kv(self.attention_y_norm(cap_feats))
+
+    def forward(self, x, c, cos, sin, softmax_scale, text_k, text_v, text_mask):
+        # adaLN without shift; the gates pass through tanh; each branch is normed before and after (sandwich).
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        h = self.attention(
+            _modulate(self.attention_norm1(x), scale_msa), cos, sin, softmax_scale, text_k, text_v, text_mask
+        )
+        x = x + gate_msa.unsqueeze(1).tanh() * self.attention_norm2(h)
+        h = self.feed_forward(_modulate(self.ffn_norm1(x), scale_mlp))
+        x = x + gate_mlp.unsqueeze(1).tanh() * self.ffn_norm2(h)
+        return x
+
+
+class NextFinalLayer(nn.Module):
+    def __init__(self, cfg: NextDiTConfig, operations=nn, device=None, dtype=None):
+        super().__init__()
+        self.linear = operations.Linear(
+            cfg.dim, cfg.patch_size**2 * cfg.out_channels, bias=True, device=device, dtype=dtype
+        )
+        # Scale only (no shift), unlike the Flag-DiT's final layer.
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), operations.Linear(cfg.adaln_dim, cfg.dim, bias=True, device=device, dtype=dtype)
+        )
+
+    def forward(self, x, c):
+        scale = self.adaLN_modulation(c)
+        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)  # norm_final: no affine
+        return self.linear(_modulate(normed, scale))
+
+
+class NextDiT(nn.Module):
+    family = "lumina_next"
+
+    def __init__(self, config: NextDiTConfig, operations=nn, device=None, dtype=None):
+        super().__init__()
+        if operations is None:
+            operations = nn
+        self.config = cfg = config
+        self.x_embedder = operations.Linear(
+            cfg.patch_size**2 * cfg.in_channels, cfg.dim, bias=True, device=device, dtype=dtype
+        )
+        self.t_embedder = TimestepEmbedder(cfg.adaln_dim, operations, device, dtype)
+        self.cap_embedder = nn.Sequential(
+            FP32LayerNorm(cfg.cap_feat_dim, device=device, dtype=dtype),
+            operations.Linear(cfg.cap_feat_dim, cfg.adaln_dim, bias=True, device=device, dtype=dtype),
+        )
+        self.layers = nn.ModuleList([NextDiTBlock(cfg, operations, device, dtype) for _ in range(cfg.n_layers)])
+        self.final_layer = NextFinalLayer(cfg, operations, device, dtype)
+        # Pads images of different sizes in one training batch; a same-size batch never uses it.
+        self.pad_token = nn.Parameter(torch.empty(cfg.dim, device=device, dtype=dtype))
+        if self.pad_token.device.type != "meta":
+            nn.init.normal_(self.pad_token, std=0.02)
+        self.compute_dtype: Optional[torch.dtype] = None
+
+    def get_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        dtype = self.x_embedder.weight.dtype
+        return torch.bfloat16 if is_fp8(dtype) else dtype  # fp8 is storage only, never a compute dtype
+
+    def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
+        """Caption pooling and embedding, and every layer's caption keys and values (once per generation)."""
+        cfg = self.config
+        if cap_feats.ndim != 3 or cap_feats.shape[-1] != cfg.cap_feat_dim:
+            raise ValueError(
+                f"text features have shape {tuple(cap_feats.shape)}, expected [batch, tokens, {cfg.cap_feat_dim}] "
+                f"(this Next-DiT's cap_feat_dim); Lumina-Next needs Gemma-2B features"
+            )
+        if cap_mask.shape != cap_feats.shape[:2]:
+            raise ValueError(f"cap_mask shape {tuple(cap_mask.shape)} does not match features {tuple(cap_feats.shape)}")
+        dtype = self.get_compute_dtype()
+        mask = cap_mask.to(device=cap_feats.device, dtype=torch.bool)
+        if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
+            raise ValueError("every prompt needs at least one real token in cap_mask (Gemma's BOS counts)")
+        m = mask.unsqueeze(-1).float()
+        pooled = (cap_feats.float() * m).sum(dim=1) / m.sum(dim=1)
+        cap_emb = self.cap_embedder[1](self.cap_embedder[0](pooled).to(dtype))
+        feats = cap_feats.to(dtype)
+        text_kv = [layer.text_kv(feats) for layer in self.layers]
+        return TextContext(cap_emb=cap_emb, text_kv=text_kv, text_mask=mask[:, None, None, :])
+
+    def rope(self, rows, cols, *, ntk_factor=1.0, linear_factor=1.0, device=None, cache=None):
+        key = (rows, cols, float(ntk_factor), float(linear_factor), str(device))
+        if cache is not None and key in cache:
+            return cache[key]
+        cos_sin = rope_2d_cos_sin(
+            rows,
+            cols,
+            self.config.head_dim,
+            theta=self.config.rope_theta,
+            ntk_factor=ntk_factor,
+            linear_factor=linear_factor,
+            device=device,
+        )
+        if cache is not None:
+            cache[key] = cos_sin
+        return cos_sin
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> tokens [B, (H/p)*(W/p), dim]; each patch vector ordered (C, pH, pW), rows first."""
+        p = self.config.patch_size
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        return self.x_embedder(x).flatten(1, 2)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Tokens [B, L, p*p*out] ordered (pH, pW, C) -> [B, out, H, W]."""
+        p = self.config.patch_size
+        b = x.shape[0]
+        x = x.view(b, h // p, w // p, p, p, self.config.out_channels)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, self.config.out_channels, h, w)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cap_feats: torch.Tensor,
+        cap_mask: torch.Tensor,
+        *,
+        scale_factor: float = 1.0,
+        scale_watershed: float = 1.0,
+        proportional_attn: bool = False,
+        base_seqlen: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Velocity (data - noise) of the in_channels latent channels, in x's dtype.
+
+        The keywords mean what they mean in the original `forward_with_cfg`: RoPE scaling by scale_factor, linear
+        while t < scale_watershed and NTK from it on (t of the first sample: one t per step); proportional attention
+        scales the self-attention logits by sqrt(log_base_seqlen(N) / head_dim) for N image tokens.
+        """
+        text = self.prepare_text(cap_feats, cap_mask)
+        return self.forward_with_text(
+            x,
+            t,
+            text,
+            scale_factor=scale_factor,
+            scale_watershed=scale_watershed,
+            proportional_attn=proportional_attn,
+            base_seqlen=base_seqlen,
+        )
+
+    def forward_with_text(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: TextContext,
+        *,
+        scale_factor: float = 1.0,
+        scale_watershed: float = 1.0,
+        proportional_attn: bool = False,
+        base_seqlen: Optional[int] = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        b, c, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"latent has {c} channels, this Next-DiT expects {cfg.in_channels} (an SDXL-VAE latent)")
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(
+                f"latent size {h}x{w} is not a multiple of the patch size {cfg.patch_size} "
+                f"(image sizes must be multiples of {8 * cfg.patch_size} pixels)"
+            )
+        if text.cap_emb.shape[0] != b:
+            raise ValueError(f"batch of {b} latents but {text.cap_emb.shape[0]} text conditions")
+        out_dtype = x.dtype
+        dtype = self.get_compute_dtype()
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+
+        ntk, linear = time_aware_rope_factors(float(t.reshape(-1)[0]), scale_factor, scale_watershed)
+        rows, cols = h // cfg.patch_size, w // cfg.patch_size
+        cos, sin = self.rope(rows, cols, ntk_factor=ntk, linear_factor=linear, device=x.device, cache=text.rope_cache)
+        if proportional_attn:
+            if base_seqlen is None:
+                raise ValueError("proportional_attn needs base_seqlen (4096 for Lumina-Next at 1024x1024)")
+            softmax_scale = proportional_attention_scale(rows * cols, cfg.head_dim, base_seqlen)
+        else:
+            softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
+
+        tokens = self.patchify(x.to(dtype))
+        c_vec = self.t_embedder(t, dtype) + text.cap_emb.to(dtype)
+        for layer, (text_k, text_v) in zip(self.layers, text.text_kv):
+            tokens = layer(tokens, c_vec, cos, sin, softmax_scale, text_k, text_v, text.text_mask)
+        out = self.unpatchify(self.final_layer(tokens, c_vec), h, w)
+        return out[:, : cfg.in_channels].to(out_dtype)

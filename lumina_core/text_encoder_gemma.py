@@ -1,0 +1,357 @@
+"""Gemma-2B text encoder of Lumina-Next: load a Hugging Face `google/gemma-2b` folder, turn prompts into features.
+
+Follows the original `lumina_next_t2i` sampling code (`sample.py`/`demo.py` `encode_prompt`, SPEC §8), which is:
+
+    tokenizer = AutoTokenizer.from_pretrained("google/gemma-2b"); tokenizer.padding_side = "right"
+    inputs = tokenizer([prompt, negative], padding=True, pad_to_multiple_of=8, max_length=256, truncation=True)
+    feats = AutoModel(gemma-2b)(input_ids, attention_mask, output_hidden_states=True).hidden_states[-2]
+
+so every prompt is [BOS] + tokens, cut to 256 ids, right padded with <pad> (id 0) to the longest prompt of the
+call rounded up to a multiple of 8; the features are the output of the second-to-last decoder layer (before the
+final norm), computed with the attention mask. No EOS: google/gemma-2b's tokenizer_config.json says
+add_eos_token false, and the `add_eos=True` that sample.py passes is not a GemmaTokenizerFast argument (that one is
+`add_eos_token`), so it changes nothing. The token mask is returned for the DiT's caption pooling and
+cross-attention. BOS, no EOS and right padding are applied here, not left to tokenizer flags, because transformers
+5's GemmaTokenizer takes them from the folder's files and pads on the left by default.
+
+Loading shares lumina_core.text_encoder's machinery (meta-device model, one tensor at a time in the target dtype,
+positioned safetensors reads, `weights_only` pickles, clear errors for LFS pointers, truncated files, missing
+shards). Only the GemmaModel is read: the released GemmaForCausalLM ties lm_head to the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoTokenizer, GemmaConfig, GemmaModel
+
+from .casting import CastLinear, fp8_compute_dtype, is_fp8, storage_dtypes, swap_linear_layers
+from .text_encoder import (
+    TextEncoderError,
+    _as_prompt_list,
+    _check_folder,
+    _check_tokenizer_files,
+    _find_weight_files,
+    _index_weights,
+    _read_weights,
+    _rebuild_rotary_buffers,
+)
+
+logger = logging.getLogger(__name__)
+
+GEMMA_2B = "google/gemma-2b"
+MAX_TOKENS = 256  # the original's tokenizer max_length (truncation=True)
+PAD_TO_MULTIPLE_OF = 8  # the original's pad_to_multiple_of
+_GET_GEMMA = (
+    f"Lumina-Next needs the Hugging Face folder of Gemma-2B ({GEMMA_2B}): config.json, the tokenizer files "
+    "(tokenizer.json, tokenizer_config.json) and the weights (model-*.safetensors with "
+    "model.safetensors.index.json), kept together in one folder; or the text_encoder folder of a diffusers "
+    "pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers) next to its tokenizer folder."
+)
+
+# What other text-encoder folders are, for the refusal message (keyed by config.json model_type).
+_T5 = "T5 is the text encoder used by other models such as SD3/Flux/PixArt"
+_CLIP = "CLIP is the text encoder of SD1.x/SDXL (and a helper of SD3/Flux)"
+_GEMMA3 = "Gemma-3 is the text encoder of no Lumina model this pack runs"
+_OTHER_ENCODERS = {
+    "llama": (
+        "LLaMA is the text encoder of Lumina-T2I (meta-llama/Llama-2-7b-hf): load it with LlamaTextEncoder (in "
+        "ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-T2I (Flag-DiT) model"
+    ),
+    "gemma2": (
+        "Gemma-2 is the text encoder of Lumina-Image-2.0 (gemma-2-2b), which ComfyUI's own nodes run, not of "
+        "Lumina-Next, which was trained on the first Gemma"
+    ),
+    "gemma3": _GEMMA3,
+    "gemma3_text": _GEMMA3,
+    "t5": _T5,
+    "mt5": _T5,
+    "umt5": _T5,
+    "clip": _CLIP,
+    "clip_text_model": _CLIP,
+}
+
+
+def is_gemma_folder(path) -> bool:
+    """True when path is a folder whose config.json describes a (first-generation) Gemma model.
+
+    model_type "gemma" only: Gemma-2 ("gemma2") and Gemma-3 are other models. Never raises: an unreadable or
+    missing config.json is simply not a Gemma folder.
+    """
+    raw = _read_config(os.fspath(path))
+    return raw is not None and _model_type(raw) == "gemma"
+
+
+def _read_config(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _model_type(raw: dict) -> str:
+    """config.json's model_type, or one inferred from `architectures` when a hand-written config lacks it."""
+    model_type = str(raw.get("model_type") or "").lower()
+    if model_type:
+        return model_type
+    architectures = [str(a) for a in raw.get("architectures") or []]
+    for prefix, name in (("Gemma3", "gemma3"), ("Gemma2", "gemma2"), ("Gemma", "gemma"), ("Llama", "llama")):
+        if any(a.startswith(prefix) for a in architectures):
+            return name
+    return ""
+
+
+def _check_gemma_config(folder: str) -> None:
+    """Raise unless config.json exists and describes a Gemma (1) model; say what the model is otherwise."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        hint = ""
+        if os.path.isfile(os.path.join(folder, "model_index.json")):
+            hint = (
+                "It looks like the root of a diffusers pipeline; select its text encoder folder, "
+                f"{os.path.join(folder, 'text_encoder')}. "
+            )
+        raise TextEncoderError(f"No config.json in {folder}. {hint}{_GET_GEMMA}")
+    raw = _read_config(folder)
+    if raw is None:
+        raise TextEncoderError(
+            f"Could not read {config_path} as a Hugging Face model config (a JSON object). Re-download it from "
+            f"{GEMMA_2B}."
+        )
+    model_type = _model_type(raw)
+    if model_type != "gemma":
+        what = f"model_type {raw.get('model_type')!r}" if raw.get("model_type") else "no model_type"
+        if raw.get("architectures"):
+            what += f", architectures {list(raw['architectures'])}"
+        known = _OTHER_ENCODERS.get(model_type)
+        detail = f"{known}. " if known else ""
+        raise TextEncoderError(
+            f"{folder} holds a model that is not Gemma-2B ({what} in config.json). {detail}{_GET_GEMMA}"
+        )
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def _tokenizer_folder(folder: str) -> str:
+    """Where the tokenizer files are: the folder itself (google/gemma-2b), or, for the `text_encoder` folder of a
+    diffusers pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers), its sibling `tokenizer` folder."""
+    if _has_tokenizer(folder):
+        return folder
+    parent = os.path.dirname(os.path.abspath(folder))
+    sibling = os.path.join(parent, "tokenizer")
+    if os.path.isfile(os.path.join(parent, "model_index.json")) and _has_tokenizer(sibling):
+        logger.info("Using the tokenizer of the diffusers pipeline folder %s for %s", sibling, folder)
+        return sibling
+    _check_tokenizer_files(folder, GEMMA_2B)  # raises, naming the folder and what to put there
+    return folder
+
+
+def _load_tokenizer(folder: str):
+    try:
+        # add_bos_token/add_eos_token and right padding mirror the original for callers that use the tokenizer
+        # directly; GemmaTextEncoder.tokenize lays the ids out itself and does not depend on them.
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, add_bos_token=True, add_eos_token=False, local_files_only=True
+        )
+    except Exception as err:  # transformers raises many kinds here; all mean the same to the user
+        raise TextEncoderError(
+            f"Could not load the tokenizer in {folder}: {err}. Copy the tokenizer files published with the model "
+            f"({GEMMA_2B}: tokenizer.json, tokenizer_config.json, special_tokens_map.json) into this folder."
+        ) from err
+    if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
+        raise TextEncoderError(
+            f"The tokenizer in {folder} defines no BOS or no padding token (bos={tokenizer.bos_token!r}, "
+            f"pad={tokenizer.pad_token!r}), so it is not Gemma's tokenizer. {_GET_GEMMA}"
+        )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+class GemmaTextEncoder:
+    """A GemmaModel and its tokenizer, producing Lumina-Next caption features.
+
+    Same interface as LlamaTextEncoder. `model` may be moved between devices by a caller (ComfyUI's memory
+    manager); `encode` always runs it where its parameters are.
+    """
+
+    family = "lumina_next"
+
+    def __init__(self, model: GemmaModel, tokenizer, folder: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.folder = folder
+        self.hidden_size = int(model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def to(self, device) -> GemmaTextEncoder:
+        self.model.to(device)
+        return self
+
+    @classmethod
+    def from_folder(
+        cls,
+        path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device="cpu",
+        compute_dtype: torch.dtype | None = None,
+        linear_cls=None,
+    ) -> GemmaTextEncoder:
+        """Load a Hugging Face Gemma folder (GemmaModel or GemmaForCausalLM weights) as published. Never downloads.
+
+        path: a copy of google/gemma-2b, or the `text_encoder` folder of a diffusers pipeline (its tokenizer is then
+        read from the sibling `tokenizer` folder).
+        dtype, compute_dtype, linear_cls: as for `LlamaTextEncoder.from_folder` (fp8 keeps the linear weights in
+        fp8 and computes in compute_dtype).
+        """
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+        device = torch.device(device)
+        fp8 = is_fp8(dtype)
+        if compute_dtype is None:
+            compute_dtype = fp8_compute_dtype(device) if fp8 else dtype
+        start = time.perf_counter()
+        folder = os.fspath(path)
+        _check_folder(folder, _GET_GEMMA)
+        _check_gemma_config(folder)
+        tokenizer_folder = _tokenizer_folder(folder)
+        files = _find_weight_files(folder, GEMMA_2B)
+        tokenizer = _load_tokenizer(tokenizer_folder)
+
+        try:
+            config = GemmaConfig.from_pretrained(folder, attn_implementation="sdpa", local_files_only=True)
+        except Exception as err:  # a config.json transformers cannot parse: name the file
+            raise TextEncoderError(f"Could not read {os.path.join(folder, 'config.json')}: {err}") from err
+        if config.vocab_size < len(tokenizer):
+            raise TextEncoderError(
+                f"The tokenizer in {folder} has {len(tokenizer)} tokens but config.json declares vocab_size="
+                f"{config.vocab_size}: the tokenizer and the model are from different checkpoints. {_GET_GEMMA}"
+            )
+        if config.num_hidden_layers < 2:
+            raise TextEncoderError(
+                f"config.json in {folder} declares {config.num_hidden_layers} decoder layer(s); Lumina-Next reads "
+                f"the second-to-last layer's output, so at least 2 are needed. {_GET_GEMMA}"
+            )
+
+        # Parameters on the meta device cost nothing; every real tensor comes from the files below.
+        with torch.device("meta"):
+            model = GemmaModel(config)
+        if fp8 or linear_cls is not None:
+            swap_linear_layers(model, linear_cls or CastLinear)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        sources = _index_weights(folder, files, expected, GEMMA_2B, "GemmaModel")
+        state_dict = _read_weights(sources, storage_dtypes(model, dtype, compute_dtype), device, GEMMA_2B)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        del state_dict
+        _rebuild_embed_scale(model, device)
+        _rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
+        model.eval().requires_grad_(False)
+
+        encoder = cls(model, tokenizer, folder)
+        logger.info(
+            "Loaded Gemma text encoder from %s: %s on %s, %s parameters (hidden size %d, %d layers) in %.1f s",
+            folder,
+            str(dtype).removeprefix("torch."),
+            device,
+            f"{sum(p.numel() for p in model.parameters()):,}",
+            encoder.hidden_size,
+            config.num_hidden_layers,
+            time.perf_counter() - start,
+        )
+        return encoder
+
+    def tokenize(self, prompts: str | Sequence[str], *, max_tokens: int | None = None):
+        """Token ids [B, L] (int64, right padded with <pad>) and mask [B, L] (bool, True on real tokens).
+
+        The original's tokenizer call, done by hand: each prompt is [BOS] + its tokens, no EOS, cut to max_tokens
+        ids (default 256, the original's max_length; BOS counts) with a warning naming what was dropped; L is the
+        longest row rounded up to a multiple of 8. All prompts of one call share L, as the original's
+        [prompt, negative] call does.
+        """
+        prompts = _as_prompt_list(prompts)
+        limit = MAX_TOKENS if max_tokens is None else max_tokens
+        if limit < PAD_TO_MULTIPLE_OF or limit % PAD_TO_MULTIPLE_OF:
+            # The original's tokenizer refuses a max_length that padding to a multiple of 8 would exceed.
+            raise ValueError(
+                f"max_tokens must be a positive multiple of {PAD_TO_MULTIPLE_OF} (the original pads to multiples "
+                f"of {PAD_TO_MULTIPLE_OF} and cuts at {MAX_TOKENS}), got {max_tokens}"
+            )
+        bos, pad = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
+        pieces = self.tokenizer(prompts, add_special_tokens=False, truncation=False)["input_ids"]
+        rows = []
+        for i, text_ids in enumerate(pieces):
+            row = [bos, *text_ids]
+            if len(row) > limit:
+                logger.warning(
+                    "Prompt %d has %d tokens (BOS included); Lumina-Next reads at most %d, %d tokens dropped.",
+                    i,
+                    len(row),
+                    limit,
+                    len(row) - limit,
+                )
+                row = row[:limit]
+            rows.append(row)
+
+        longest = max(len(row) for row in rows)
+        length = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return ids, mask
+
+    def encode(self, prompts: str | Sequence[str], *, max_tokens: int | None = None, output_device=None):
+        """Caption features [B, L, hidden] (float32) and mask [B, L] (bool), both on output_device (default CPU).
+
+        The features are Gemma's `hidden_states[-2]` with the attention mask passed, as the original computes them.
+        `encode([prompt, negative])` is the original's joint call: both rows padded to one length.
+
+        Encoding one prompt at a time (as a ComfyUI node does for the positive and the negative) gives each prompt
+        its own padded length, but the same features on its real tokens: Gemma is causal and the padding is on the
+        right, so no real token attends to a padded one, and the positions are the same. Only the padded rows
+        differ, and Lumina-Next masks those out of the caption pooling and the cross-attention, so padding the two
+        results to a common length with mask False gives the DiT exactly the joint call's input.
+        """
+        ids, mask = self.tokenize(prompts, max_tokens=max_tokens)
+        device = self.device
+        # no_grad rather than inference_mode: the features stay ordinary tensors that callers may use anywhere.
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device=device, dtype=torch.long),  # as the tokenizer returns it
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            # (embeddings, layer 1, ..., layer n-1, norm(layer n)): [-2] is layer n-1's output, before any norm.
+            hidden = out.hidden_states[-2]
+        out_device = torch.device("cpu") if output_device is None else torch.device(output_device)
+        return hidden.to(device=out_device, dtype=torch.float32), mask.to(out_device)
+
+
+def _rebuild_embed_scale(model: GemmaModel, device: torch.device) -> None:
+    """Re-create the embedding's non-persistent sqrt(hidden_size) scale, still on the meta device after loading.
+
+    Computed on the CPU in float32 as a normally constructed GemmaModel does (the forward casts it to the weights'
+    dtype, as the original's `normalizer` did), then moved.
+    """
+    embed = model.embed_tokens
+    scale = getattr(embed, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.device.type == "meta":
+        embed.embed_scale = torch.tensor(float(model.config.hidden_size) ** 0.5).to(device)

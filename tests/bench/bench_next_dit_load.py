@@ -1,0 +1,117 @@
+"""Peak memory and time of loading a full-size Lumina-Next Next-DiT checkpoint.
+
+Writes a 2B fp32 safetensors file of random weights (the original key layout, or the diffusers layout with its
+duplicated cross-attention query tensors) to a temporary folder, loads it with `load_dit(dtype=torch.bfloat16)` in a
+fresh process, and reports that process's peak resident memory against the bf16 size of the weights. The file is
+deleted afterwards. The 32-kv-head 2B file is 7.95 GB, the grouped-query one (the Lumina-Next-SFT release) 6.51 GB.
+
+    python tests/bench/bench_next_dit_load.py [--dir /big/disk] [--config 2b|2b-gqa|tiny]
+        [--layout original|diffusers] [--dtype bfloat16|float16|float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from lumina_core.config import NEXT_DIT_2B, NEXT_DIT_2B_GQA, NextDiTConfig  # noqa: E402
+from lumina_core.next_dit import NextDiT  # noqa: E402
+from lumina_core.next_dit_checkpoint import original_to_diffusers  # noqa: E402
+from lumina_core.tensor_io import write_safetensors  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[3])
+from lumina_core.checkpoint import load_dit
+start = time.perf_counter()
+model = load_dit(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+seconds = time.perf_counter() - start
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"seconds": seconds, "weights_bytes": weights, "family": model.family,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+BASELINE = r"""
+import json, resource, torch
+print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+CONFIGS = {"2b": NEXT_DIT_2B, "2b-gqa": NEXT_DIT_2B_GQA, "tiny": NextDiTConfig.tiny()}
+
+
+def write_random_checkpoint(config: NextDiTConfig, path: Path, layout: str) -> int:
+    """Random fp32 weights in the given layout; the diffusers copies hold the same values as their originals."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in NextDiT(config).state_dict().items()}
+    names = {k: [k] if layout == "original" else original_to_diffusers(k) for k in shapes}
+    file_shapes = {n: (shapes[k], torch.float32) for k in shapes for n in names[k]}
+    gen = torch.Generator().manual_seed(0)
+
+    def tensors():
+        for key, shape in shapes.items():
+            tensor = torch.randn(shape, generator=gen) * 0.02
+            for name in names[key]:
+                yield name, tensor
+
+    write_safetensors(path, tensors(), shapes=file_shapes, metadata={"format": "pt"})
+    return path.stat().st_size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=None, help="where to write the temporary checkpoint (needs 8.5 GB free)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="2b")
+    parser.add_argument("--layout", choices=("original", "diffusers"), default="original")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    args = parser.parse_args()
+    config = CONFIGS[args.config]
+
+    folder = Path(tempfile.mkdtemp(prefix="lumina_next_bench_", dir=args.dir))
+    try:
+        original = args.layout == "original"
+        name = "consolidated.00-of-01.safetensors" if original else "diffusion_pytorch_model.safetensors"
+        path = folder / name
+        start = time.perf_counter()
+        size = write_random_checkpoint(config, path, args.layout)
+        write_s = time.perf_counter() - start
+        base = json.loads(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True,
+                                         check=True).stdout)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), args.dtype, str(REPO)], capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            print(out.stderr)
+            return 1
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    gb = 1e9
+    weights = res["weights_bytes"]
+    peak = res["peak_rss_bytes"]
+    print(f"Next-DiT {args.config} ({config.kv_heads} kv heads), {args.layout} layout, loaded as {res['family']}")
+    print()
+    print("| quantity | value |")
+    print("| --- | --- |")
+    print(f"| checkpoint file (fp32) | {size / gb:.2f} GB, written in {write_s:.0f} s |")
+    print(f"| loaded weights ({args.dtype}) | {weights / gb:.2f} GB |")
+    print(f"| load time | {res['seconds']:.1f} s |")
+    print(f"| peak RSS of the loading process | {peak / gb:.2f} GB |")
+    print(f"| peak RSS of a process that only imports torch | {base['peak_rss_bytes'] / gb:.2f} GB |")
+    print(f"| peak / weights | {peak / weights:.3f} (target < 1.15) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
