@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .casting import CAST_OPERATIONS, fp8_compute_dtype, is_fp8, storage_dtypes
 from .checkpoint import CheckpointError, _check_path, _ffn_params
 from .config import NextDiTConfig
 from .next_dit import NextDiT
@@ -225,8 +226,9 @@ class _NextDiTSource:
 _ALIGN = 64  # bytes: every tensor of the packed weights starts on a cache line
 
 
-def _read_weights(source: _NextDiTSource, expected: dict, dtype: Optional[torch.dtype], device) -> dict:
-    """The tensors of `expected` ({key: shape}) read from the file, cast to `dtype` as they are read.
+def _read_weights(source: _NextDiTSource, expected: dict, dtype, device) -> dict:
+    """The tensors of `expected` ({key: shape}) read from the file, cast to `dtype` as they are read (one
+    torch.dtype for all, or a dict key -> dtype: fp8 storage keeps norms and biases in the compute dtype).
 
     With a target dtype the tensors are views into one buffer allocated up front and filled chunk by chunk from the
     file, so the process holds the weights and an 8 MB read buffer, nothing else: reading each tensor whole and
@@ -239,16 +241,18 @@ def _read_weights(source: _NextDiTSource, expected: dict, dtype: Optional[torch.
             raise CheckpointError(f"{source.path}: {source.file_key[key]} has shape {found}, expected {shape}")
     if dtype is None:
         return {key: source.src.get(source.file_key[key]).to(device) for key in expected}
-    step = max(1, _ALIGN // torch.empty((), dtype=dtype).element_size())
-    offsets, total = {}, 0
+    dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(expected, dtype)
+    offsets, totals = {}, {}
     for key, shape in expected.items():
-        offsets[key] = total
-        total += -(-math.prod(shape) // step) * step
-    packed = torch.empty(total, dtype=dtype)
+        target = dtypes[key]
+        step = max(1, _ALIGN // torch.empty((), dtype=target).element_size())
+        offsets[key] = totals.get(target, 0)
+        totals[target] = offsets[key] + -(-math.prod(shape) // step) * step
+    packed = {target: torch.empty(total, dtype=target) for target, total in totals.items()}
     read_into = getattr(source.src, "read_into", None)
     state = {}
     for key, shape in expected.items():
-        out = packed[offsets[key]:offsets[key] + math.prod(shape)].view(shape)
+        out = packed[dtypes[key]][offsets[key]:offsets[key] + math.prod(shape)].view(shape)
         if read_into is not None:
             read_into(source.file_key[key], out)
         else:  # a weights-only pickle, memory-mapped: copy from the mapping
@@ -267,12 +271,16 @@ def load_next_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device
     start = time.perf_counter()
     source = _NextDiTSource(path)
     config = source.config
+    fp8 = is_fp8(dtype)
+    compute_dtype = fp8_compute_dtype(device) if fp8 else None
+    if fp8 and operations is None:
+        operations = CAST_OPERATIONS  # fp8 linear weights cast to the compute dtype per layer
     with torch.device("meta"):
         model = NextDiT(config, operations=operations, dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     source.check_keys(expected)
 
-    state = _read_weights(source, expected, dtype, device)
+    state = _read_weights(source, expected, storage_dtypes(model, dtype, compute_dtype) if fp8 else dtype, device)
     for file_key, key in source.copies.items():
         copy = source.src.get(file_key)
         if tuple(copy.shape) != expected[key] or not torch.equal(copy.to(state[key]), state[key]):
@@ -284,6 +292,8 @@ def load_next_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device
         del copy
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
+    if fp8:
+        model.compute_dtype = compute_dtype
     logger.info(
         "Loaded Lumina-Next Next-DiT (%s layout) from %s: %.2fB parameters, dim %d, %d layers, %d/%d heads, %s "
         "in %.1f s",
