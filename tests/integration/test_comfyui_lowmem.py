@@ -150,7 +150,7 @@ def test_an_encoding_of_another_family_is_refused_with_a_clear_message(server):
     prompt["run"] = _sampler(["dit", 0], ["pos", 0], ["pos", 0], ["lat", 0])
     _save_latent(prompt, "never", ["run", 0])
     error = _failure(server, prompt)
-    assert "encoded for lumina_next by Gemma-2B" in error and "needs LLaMA-2-7B" in error, error
+    assert "comes from Gemma-2B (Lumina-Next)" in error and "needs LLaMA-2-7B" in error, error
 
 
 def _upload(server, path: Path) -> dict:
