@@ -169,8 +169,52 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(normed, shift, scale))
 
 
-class FlagDiT(nn.Module):
+class TextConditionedDiT(nn.Module):
+    """What the Lumina DiTs share around their text: the compute dtype and the text work done once per generation
+    (masked-mean caption pooling into the adaLN embedding, every layer's caption keys and values).
+
+    Subclasses have `config.cap_feat_dim`, `x_embedder`, `cap_embedder`, `layers` (each with `text_kv`) and set
+    `dit_title` and `text_hint` for their error messages.
+    """
+
+    dit_title = "DiT"
+    text_hint = "use the text encoder the model was trained with"
+    bos_hint = "BOS counts"
+
+    def get_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        dtype = self.x_embedder.weight.dtype
+        return torch.bfloat16 if is_fp8(dtype) else dtype  # fp8 is storage only, never a compute dtype
+
+    def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
+        """Caption pooling and embedding, and every layer's text keys and values."""
+        cfg = self.config
+        if cap_feats.ndim != 3 or cap_feats.shape[-1] != cfg.cap_feat_dim:
+            raise ValueError(
+                f"text features have shape {tuple(cap_feats.shape)}, expected [batch, tokens, {cfg.cap_feat_dim}] "
+                f"(this {self.dit_title}'s cap_feat_dim); {self.text_hint}"
+            )
+        if cap_mask.shape != cap_feats.shape[:2]:
+            raise ValueError(f"cap_mask shape {tuple(cap_mask.shape)} does not match features {tuple(cap_feats.shape)}")
+        dtype = self.get_compute_dtype()
+        mask = cap_mask.to(device=cap_feats.device, dtype=torch.bool)
+        # A data-dependent check: skipped while torch.compile traces (it would break the graph), kept in eager mode.
+        if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
+            raise ValueError(f"every prompt needs at least one real token in cap_mask ({self.bos_hint})")
+        # Masked mean over the real tokens, in fp32.
+        m = mask.unsqueeze(-1).float()
+        pooled = (cap_feats.float() * m).sum(dim=1) / m.sum(dim=1)
+        cap_emb = self.cap_embedder[1](self.cap_embedder[0](pooled).to(dtype))
+        feats = cap_feats.to(dtype)
+        text_kv = [layer.text_kv(feats) for layer in self.layers]
+        return TextContext(cap_emb=cap_emb, text_kv=text_kv, text_mask=mask[:, None, None, :])
+
+
+class FlagDiT(TextConditionedDiT):
     family = "lumina_t2i"
+    dit_title = "Flag-DiT"
+    bos_hint = "BOS and EOS count"
 
     def __init__(self, config: FlagDiTConfig, operations=nn, device=None, dtype=None):
         super().__init__()
@@ -196,36 +240,6 @@ class FlagDiT(nn.Module):
             nn.init.normal_(self.pad_token, std=0.02)
         # The dtype activations are computed in. None: the weights' dtype (bf16 for fp8-stored weights).
         self.compute_dtype: Optional[torch.dtype] = None
-
-    # ----------------------------------------------------------------------------------------------------------
-    def get_compute_dtype(self) -> torch.dtype:
-        if self.compute_dtype is not None:
-            return self.compute_dtype
-        dtype = self.x_embedder.weight.dtype
-        return torch.bfloat16 if is_fp8(dtype) else dtype  # fp8 is storage only, never a compute dtype
-
-    def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
-        """Caption pooling and embedding, and every layer's text keys and values."""
-        cfg = self.config
-        if cap_feats.ndim != 3 or cap_feats.shape[-1] != cfg.cap_feat_dim:
-            raise ValueError(
-                f"text features have shape {tuple(cap_feats.shape)}, expected [batch, tokens, {cfg.cap_feat_dim}] "
-                f"(this Flag-DiT's cap_feat_dim); use the text encoder the model was trained with"
-            )
-        if cap_mask.shape != cap_feats.shape[:2]:
-            raise ValueError(f"cap_mask shape {tuple(cap_mask.shape)} does not match features {tuple(cap_feats.shape)}")
-        dtype = self.get_compute_dtype()
-        mask = cap_mask.to(device=cap_feats.device, dtype=torch.bool)
-        # A data-dependent check: skipped while torch.compile traces (it would break the graph), kept in eager mode.
-        if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
-            raise ValueError("every prompt needs at least one real token in cap_mask (BOS and EOS count)")
-        # Masked mean over the real tokens, in fp32.
-        m = mask.unsqueeze(-1).float()
-        pooled = (cap_feats.float() * m).sum(dim=1) / m.sum(dim=1)
-        cap_emb = self.cap_embedder[1](self.cap_embedder[0](pooled).to(dtype))
-        feats = cap_feats.to(dtype)
-        text_kv = [layer.text_kv(feats) for layer in self.layers]
-        return TextContext(cap_emb=cap_emb, text_kv=text_kv, text_mask=mask[:, None, None, :])
 
     def rope(self, seq_len, *, ntk_factor=1.0, rope_scaling_factor=None, device=None, cache=None):
         scaling = self.config.rope_scaling_factor if rope_scaling_factor is None else rope_scaling_factor

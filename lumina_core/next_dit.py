@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .casting import is_fp8
 from .config import NextDiTConfig
 from .layers import FP32LayerNorm, RMSNorm, proportional_attention_scale, rope_2d_cos_sin
-from .model import Attention, FeedForward, TextContext, TimestepEmbedder
+from .model import Attention, FeedForward, TextConditionedDiT, TextContext, TimestepEmbedder
 
 
 def time_aware_rope_factors(t: float, scale_factor: float, scale_watershed: float) -> tuple[float, float]:
@@ -87,8 +86,11 @@ class NextFinalLayer(nn.Module):
         return self.linear(_modulate(normed, scale))
 
 
-class NextDiT(nn.Module):
+class NextDiT(TextConditionedDiT):
     family = "lumina_next"
+    dit_title = "Next-DiT"
+    text_hint = "Lumina-Next needs Gemma-2B features"
+    bos_hint = "Gemma's BOS counts"
 
     def __init__(self, config: NextDiTConfig, operations=nn, device=None, dtype=None):
         super().__init__()
@@ -110,33 +112,6 @@ class NextDiT(nn.Module):
         if self.pad_token.device.type != "meta":
             nn.init.normal_(self.pad_token, std=0.02)
         self.compute_dtype: Optional[torch.dtype] = None
-
-    def get_compute_dtype(self) -> torch.dtype:
-        if self.compute_dtype is not None:
-            return self.compute_dtype
-        dtype = self.x_embedder.weight.dtype
-        return torch.bfloat16 if is_fp8(dtype) else dtype  # fp8 is storage only, never a compute dtype
-
-    def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
-        """Caption pooling and embedding, and every layer's caption keys and values (once per generation)."""
-        cfg = self.config
-        if cap_feats.ndim != 3 or cap_feats.shape[-1] != cfg.cap_feat_dim:
-            raise ValueError(
-                f"text features have shape {tuple(cap_feats.shape)}, expected [batch, tokens, {cfg.cap_feat_dim}] "
-                f"(this Next-DiT's cap_feat_dim); Lumina-Next needs Gemma-2B features"
-            )
-        if cap_mask.shape != cap_feats.shape[:2]:
-            raise ValueError(f"cap_mask shape {tuple(cap_mask.shape)} does not match features {tuple(cap_feats.shape)}")
-        dtype = self.get_compute_dtype()
-        mask = cap_mask.to(device=cap_feats.device, dtype=torch.bool)
-        if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
-            raise ValueError("every prompt needs at least one real token in cap_mask (Gemma's BOS counts)")
-        m = mask.unsqueeze(-1).float()
-        pooled = (cap_feats.float() * m).sum(dim=1) / m.sum(dim=1)
-        cap_emb = self.cap_embedder[1](self.cap_embedder[0](pooled).to(dtype))
-        feats = cap_feats.to(dtype)
-        text_kv = [layer.text_kv(feats) for layer in self.layers]
-        return TextContext(cap_emb=cap_emb, text_kv=text_kv, text_mask=mask[:, None, None, :])
 
     def rope(self, rows, cols, *, ntk_factor=1.0, linear_factor=1.0, device=None, cache=None):
         key = (rows, cols, float(ntk_factor), float(linear_factor), str(device))
