@@ -187,6 +187,24 @@ class TextConditionedDiT(nn.Module):
         dtype = self.x_embedder.weight.dtype
         return torch.bfloat16 if is_fp8(dtype) else dtype  # fp8 is storage only, never a compute dtype
 
+    def check_inputs(self, x: torch.Tensor, t, text: TextContext) -> torch.Tensor:
+        """Refuse a latent of the wrong channels, size or batch; returns t as a [B] tensor on x's device."""
+        cfg = self.config
+        b, c, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(
+                f"latent has {c} channels, this {self.dit_title} expects {cfg.in_channels} (an SDXL-VAE latent)"
+            )
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(
+                f"latent size {h}x{w} is not a multiple of the patch size {cfg.patch_size} "
+                f"(image sizes must be multiples of {8 * cfg.patch_size} pixels)"
+            )
+        if text.cap_emb.shape[0] != b:
+            raise ValueError(f"batch of {b} latents but {text.cap_emb.shape[0]} text conditions")
+        t = torch.as_tensor(t, device=x.device)
+        return t.expand(b) if t.ndim == 0 else t
+
     def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
         """Caption pooling and embedding, and every layer's text keys and values."""
         cfg = self.config
@@ -329,21 +347,10 @@ class FlagDiT(TextConditionedDiT):
         rope_scaling_factor: Optional[float] = None,
     ) -> torch.Tensor:
         cfg = self.config
-        b, c, h, w = x.shape
-        if c != cfg.in_channels:
-            raise ValueError(f"latent has {c} channels, this Flag-DiT expects {cfg.in_channels} (an SDXL-VAE latent)")
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(
-                f"latent size {h}x{w} is not a multiple of the patch size {cfg.patch_size} "
-                f"(image sizes must be multiples of {8 * cfg.patch_size} pixels)"
-            )
-        if text.cap_emb.shape[0] != b:
-            raise ValueError(f"batch of {b} latents but {text.cap_emb.shape[0]} text conditions")
+        b, _, h, w = x.shape
+        t = self.check_inputs(x, t, text)
         out_dtype = x.dtype
         dtype = self.get_compute_dtype()
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(b)
 
         tokens = self.patchify(x.to(dtype))
         seq_len = tokens.shape[1]

@@ -185,21 +185,10 @@ class NextDiT(TextConditionedDiT):
         base_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
         cfg = self.config
-        b, c, h, w = x.shape
-        if c != cfg.in_channels:
-            raise ValueError(f"latent has {c} channels, this Next-DiT expects {cfg.in_channels} (an SDXL-VAE latent)")
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(
-                f"latent size {h}x{w} is not a multiple of the patch size {cfg.patch_size} "
-                f"(image sizes must be multiples of {8 * cfg.patch_size} pixels)"
-            )
-        if text.cap_emb.shape[0] != b:
-            raise ValueError(f"batch of {b} latents but {text.cap_emb.shape[0]} text conditions")
+        b, _, h, w = x.shape
+        t = self.check_inputs(x, t, text)
         out_dtype = x.dtype
         dtype = self.get_compute_dtype()
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(b)
 
         ntk, linear = time_aware_rope_factors(float(t.reshape(-1)[0]), scale_factor, scale_watershed)
         rows, cols = h // cfg.patch_size, w // cfg.patch_size

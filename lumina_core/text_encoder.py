@@ -92,16 +92,14 @@ def check_cap_feat_dim(hidden_size: int, cap_feat_dim: int, *, encoder_name: str
     )
 
 
-class LlamaTextEncoder:
-    """A LlamaModel and its tokenizer, producing Lumina-T2I caption features.
+class HFTextEncoder:
+    """A Hugging Face decoder model (`model`, with `embed_tokens`) and its tokenizer: what the Lumina text encoders
+    share. `model` may be moved between devices by a caller (ComfyUI's memory manager); `encode` always runs it where
+    its parameters are."""
 
-    `model` may be moved between devices by a caller (ComfyUI's memory manager); `encode` always runs it where its
-    parameters are.
-    """
+    family: str = ""
 
-    family = "lumina_t2i"
-
-    def __init__(self, model: LlamaModel, tokenizer, folder: str):
+    def __init__(self, model, tokenizer, folder: str):
         self.model = model
         self.tokenizer = tokenizer
         self.folder = folder
@@ -117,9 +115,73 @@ class LlamaTextEncoder:
         """The compute dtype (that of the hidden states)."""
         return self.model.embed_tokens.weight.dtype
 
-    def to(self, device) -> LlamaTextEncoder:
+    def to(self, device):
         self.model.to(device)
         return self
+
+
+def storage_plan(dtype, device, compute_dtype):
+    """(device, fp8, compute_dtype) of a text-encoder load: fp8 storage computes in bf16 (fp32 on a CPU without
+    bf16) unless compute_dtype is given; other dtypes compute in themselves."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    device = torch.device(device)
+    fp8 = is_fp8(dtype)
+    if compute_dtype is None:
+        compute_dtype = fp8_compute_dtype(device) if fp8 else dtype
+    return device, fp8, compute_dtype
+
+
+def read_hf_config(config_cls, folder: str, tokenizer, get_hint: str):
+    """The folder's config.json as `config_cls` (SDPA attention), checked against the tokenizer's size."""
+    try:
+        config = config_cls.from_pretrained(folder, attn_implementation="sdpa", local_files_only=True)
+    except Exception as err:  # a config.json transformers cannot parse: name the file
+        raise TextEncoderError(f"Could not read {os.path.join(folder, 'config.json')}: {err}") from err
+    if config.vocab_size < len(tokenizer):
+        raise TextEncoderError(
+            f"The tokenizer in {folder} has {len(tokenizer)} tokens but config.json declares vocab_size="
+            f"{config.vocab_size}: the tokenizer and the model are from different checkpoints. {get_hint}"
+        )
+    return config
+
+
+def load_hf_weights(model_cls, config, folder: str, files: list[str], *, dtype, compute_dtype, linear_cls, device,
+                    source: str = LLAMA2_7B):
+    """`model_cls(config)` built on the meta device and filled from `files`, one tensor at a time in its storage
+    dtype (fp8: linear weights in fp8 through `linear_cls`, default CastLinear; the rest in compute_dtype).
+    Non-persistent buffers are the caller's to rebuild."""
+    # Parameters on the meta device cost nothing; every real tensor comes from the files.
+    with torch.device("meta"):
+        model = model_cls(config)
+    if is_fp8(dtype) or linear_cls is not None:
+        swap_linear_layers(model, linear_cls or CastLinear)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    sources = _index_weights(folder, files, expected, source, model_cls.__name__)
+    state_dict = _read_weights(sources, storage_dtypes(model, dtype, compute_dtype), device, source)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+def log_loaded(what: str, encoder: HFTextEncoder, dtype, compute_dtype, device, start: float) -> None:
+    computed = f" computed in {str(compute_dtype).removeprefix('torch.')}" if is_fp8(dtype) else ""
+    logger.info(
+        "Loaded %s text encoder from %s: %s on %s, %s parameters (hidden size %d, %d layers) in %.1f s",
+        what,
+        encoder.folder,
+        str(dtype).removeprefix("torch.") + computed,
+        device,
+        f"{sum(p.numel() for p in encoder.model.parameters()):,}",
+        encoder.hidden_size,
+        encoder.model.config.num_hidden_layers,
+        time.perf_counter() - start,
+    )
+
+
+class LlamaTextEncoder(HFTextEncoder):
+    """A LlamaModel and its tokenizer, producing Lumina-T2I caption features."""
+
+    family = "lumina_t2i"
 
     @classmethod
     def from_folder(
@@ -137,12 +199,7 @@ class LlamaTextEncoder:
         bf16, or fp32 on a CPU without bf16). linear_cls: the casting linear layer used for fp8 (default the core's
         CastLinear; ComfyUI passes its own), or, when given for another dtype, for every linear layer.
         """
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
-        device = torch.device(device)
-        fp8 = is_fp8(dtype)
-        if compute_dtype is None:
-            compute_dtype = fp8_compute_dtype(device) if fp8 else dtype
+        device, _fp8, compute_dtype = storage_plan(dtype, device, compute_dtype)
         start = time.perf_counter()
         folder = os.fspath(path)
         _check_folder(folder)
@@ -150,42 +207,15 @@ class LlamaTextEncoder:
         _check_tokenizer_files(folder)
         files = _find_weight_files(folder)
         tokenizer = _load_tokenizer(folder)
-
-        try:
-            config = LlamaConfig.from_pretrained(folder, attn_implementation="sdpa", local_files_only=True)
-        except Exception as err:  # a config.json transformers cannot parse: name the file
-            raise TextEncoderError(f"Could not read {os.path.join(folder, 'config.json')}: {err}") from err
-        if config.vocab_size < len(tokenizer):
-            raise TextEncoderError(
-                f"The tokenizer in {folder} has {len(tokenizer)} tokens but config.json declares vocab_size="
-                f"{config.vocab_size}: the tokenizer and the model are from different checkpoints. {_GET_LLAMA}"
-            )
-
-        # Parameters on the meta device cost nothing; every real tensor comes from the files below.
-        with torch.device("meta"):
-            model = LlamaModel(config)
-        if fp8 or linear_cls is not None:
-            swap_linear_layers(model, linear_cls or CastLinear)
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        sources = _index_weights(folder, files, expected)
-        state_dict = _read_weights(sources, storage_dtypes(model, dtype, compute_dtype), device)
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        del state_dict
+        config = read_hf_config(LlamaConfig, folder, tokenizer, _GET_LLAMA)
+        model = load_hf_weights(LlamaModel, config, folder, files, dtype=dtype, compute_dtype=compute_dtype,
+                                linear_cls=linear_cls, device=device)
         _rebuild_rotary_buffers(model, device)
         model.eval().requires_grad_(False)
 
         encoder = cls(model, tokenizer, folder)
         encoder.storage_dtype = dtype
-        logger.info(
-            "Loaded LLaMA text encoder from %s: %s on %s, %s parameters (hidden size %d, %d layers) in %.1f s",
-            folder,
-            str(dtype).removeprefix("torch.") + (f" computed in {str(compute_dtype).removeprefix('torch.')}" if fp8 else ""),
-            device,
-            f"{sum(p.numel() for p in model.parameters()):,}",
-            encoder.hidden_size,
-            config.num_hidden_layers,
-            time.perf_counter() - start,
-        )
+        log_loaded("LLaMA", encoder, dtype, compute_dtype, device, start)
         return encoder
 
     def tokenize(self, prompts: str | Sequence[str], *, max_tokens: int | None = None):

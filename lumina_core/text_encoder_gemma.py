@@ -30,16 +30,18 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, GemmaConfig, GemmaModel
 
-from .casting import CastLinear, fp8_compute_dtype, is_fp8, storage_dtypes, swap_linear_layers
 from .text_encoder import (
+    HFTextEncoder,
     TextEncoderError,
     _as_prompt_list,
     _check_folder,
     _check_tokenizer_files,
     _find_weight_files,
-    _index_weights,
-    _read_weights,
     _rebuild_rotary_buffers,
+    load_hf_weights,
+    log_loaded,
+    read_hf_config,
+    storage_plan,
 )
 
 logger = logging.getLogger(__name__)
@@ -176,32 +178,11 @@ def _load_tokenizer(folder: str):
     return tokenizer
 
 
-class GemmaTextEncoder:
-    """A GemmaModel and its tokenizer, producing Lumina-Next caption features.
-
-    Same interface as LlamaTextEncoder. `model` may be moved between devices by a caller (ComfyUI's memory
-    manager); `encode` always runs it where its parameters are.
-    """
+class GemmaTextEncoder(HFTextEncoder):
+    """A GemmaModel and its tokenizer, producing Lumina-Next caption features (same interface as
+    LlamaTextEncoder)."""
 
     family = "lumina_next"
-
-    def __init__(self, model: GemmaModel, tokenizer, folder: str):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.folder = folder
-        self.hidden_size = int(model.config.hidden_size)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
-
-    def to(self, device) -> GemmaTextEncoder:
-        self.model.to(device)
-        return self
 
     @classmethod
     def from_folder(
@@ -220,12 +201,7 @@ class GemmaTextEncoder:
         dtype, compute_dtype, linear_cls: as for `LlamaTextEncoder.from_folder` (fp8 keeps the linear weights in
         fp8 and computes in compute_dtype).
         """
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
-        device = torch.device(device)
-        fp8 = is_fp8(dtype)
-        if compute_dtype is None:
-            compute_dtype = fp8_compute_dtype(device) if fp8 else dtype
+        device, _fp8, compute_dtype = storage_plan(dtype, device, compute_dtype)
         start = time.perf_counter()
         folder = os.fspath(path)
         _check_folder(folder, _GET_GEMMA)
@@ -233,47 +209,21 @@ class GemmaTextEncoder:
         tokenizer_folder = _tokenizer_folder(folder)
         files = _find_weight_files(folder, GEMMA_2B)
         tokenizer = _load_tokenizer(tokenizer_folder)
-
-        try:
-            config = GemmaConfig.from_pretrained(folder, attn_implementation="sdpa", local_files_only=True)
-        except Exception as err:  # a config.json transformers cannot parse: name the file
-            raise TextEncoderError(f"Could not read {os.path.join(folder, 'config.json')}: {err}") from err
-        if config.vocab_size < len(tokenizer):
-            raise TextEncoderError(
-                f"The tokenizer in {folder} has {len(tokenizer)} tokens but config.json declares vocab_size="
-                f"{config.vocab_size}: the tokenizer and the model are from different checkpoints. {_GET_GEMMA}"
-            )
+        config = read_hf_config(GemmaConfig, folder, tokenizer, _GET_GEMMA)
         if config.num_hidden_layers < 2:
             raise TextEncoderError(
                 f"config.json in {folder} declares {config.num_hidden_layers} decoder layer(s); Lumina-Next reads "
                 f"the second-to-last layer's output, so at least 2 are needed. {_GET_GEMMA}"
             )
-
-        # Parameters on the meta device cost nothing; every real tensor comes from the files below.
-        with torch.device("meta"):
-            model = GemmaModel(config)
-        if fp8 or linear_cls is not None:
-            swap_linear_layers(model, linear_cls or CastLinear)
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        sources = _index_weights(folder, files, expected, GEMMA_2B, "GemmaModel")
-        state_dict = _read_weights(sources, storage_dtypes(model, dtype, compute_dtype), device, GEMMA_2B)
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        del state_dict
+        model = load_hf_weights(GemmaModel, config, folder, files, dtype=dtype, compute_dtype=compute_dtype,
+                                linear_cls=linear_cls, device=device, source=GEMMA_2B)
         _rebuild_embed_scale(model, device)
         _rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
         model.eval().requires_grad_(False)
 
         encoder = cls(model, tokenizer, folder)
-        logger.info(
-            "Loaded Gemma text encoder from %s: %s on %s, %s parameters (hidden size %d, %d layers) in %.1f s",
-            folder,
-            str(dtype).removeprefix("torch."),
-            device,
-            f"{sum(p.numel() for p in model.parameters()):,}",
-            encoder.hidden_size,
-            config.num_hidden_layers,
-            time.perf_counter() - start,
-        )
+        encoder.storage_dtype = dtype
+        log_loaded("Gemma", encoder, dtype, compute_dtype, device, start)
         return encoder
 
     def tokenize(self, prompts: str | Sequence[str], *, max_tokens: int | None = None):

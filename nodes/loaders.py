@@ -6,6 +6,30 @@ from __future__ import annotations
 from . import comfy_glue
 from .common import DTYPE_CHOICES, TEXT_ENCODER_TYPE
 
+_FP8_NOTE = "fp8_e4m3fn/fp8_e5m2 keep the linear weights in 8 bits and compute in bf16."
+
+
+def _text_encoder_dtype_input():
+    return (
+        list(DTYPE_CHOICES),
+        {
+            "default": "auto",
+            "tooltip": "Weight dtype. auto: bf16 where the GPU supports it, else fp16, fp32 on the CPU (ComfyUI's "
+            "--bf16/--fp16/--fp32/--fp8_*-text-enc flags win). " + _FP8_NOTE,
+        },
+    )
+
+
+def _dit_dtype_input():
+    return (
+        list(DTYPE_CHOICES),
+        {
+            "default": "auto",
+            "tooltip": "Dtype the weights are kept in. auto: bf16 where the GPU supports it, else fp32 (ComfyUI's "
+            "--*-unet flags win). fp16 may overflow. " + _FP8_NOTE,
+        },
+    )
+
 
 class LuminaLlamaLoader:
     @classmethod
@@ -20,14 +44,7 @@ class LuminaLlamaLoader:
                         "config.json describes a LLaMA model are listed."
                     },
                 ),
-                "dtype": (
-                    list(DTYPE_CHOICES),
-                    {
-                        "default": "auto",
-                        "tooltip": "Weight dtype. auto: bf16 where the GPU supports it, else fp16, fp32 on the CPU "
-                        "(ComfyUI's --bf16/--fp16/--fp32-text-enc flags win).",
-                    },
-                ),
+                "dtype": _text_encoder_dtype_input(),
             }
         }
 
@@ -54,14 +71,7 @@ class LuminaFlagDiTLoader:
                         "lumina_t2i_5b_bf16.safetensors, or the released consolidated.00-of-01.safetensors)."
                     },
                 ),
-                "weight_dtype": (
-                    list(DTYPE_CHOICES),
-                    {
-                        "default": "auto",
-                        "tooltip": "Dtype the weights are kept in. auto: bf16 where the GPU supports it, else "
-                        "fp32 (ComfyUI's --*-unet flags win). fp16 may overflow.",
-                    },
-                ),
+                "weight_dtype": _dit_dtype_input(),
             }
         }
 
@@ -91,14 +101,7 @@ class LuminaDiTLoader:
                         "(diffusion_pytorch_model.safetensors) layout. The family is read from the file."
                     },
                 ),
-                "weight_dtype": (
-                    list(DTYPE_CHOICES),
-                    {
-                        "default": "auto",
-                        "tooltip": "Dtype the weights are kept in. auto: bf16 where the GPU supports it, else "
-                        "fp32 (ComfyUI's --*-unet flags win). fp16 may overflow.",
-                    },
-                ),
+                "weight_dtype": _dit_dtype_input(),
             }
         }
 
@@ -131,14 +134,7 @@ class LuminaTextEncoderLoader:
                         "Lumina-Next. The encoder is chosen from the folder's config.json."
                     },
                 ),
-                "dtype": (
-                    list(DTYPE_CHOICES),
-                    {
-                        "default": "auto",
-                        "tooltip": "Weight dtype. auto: bf16 where the GPU supports it, else fp16, fp32 on the CPU "
-                        "(ComfyUI's --bf16/--fp16/--fp32-text-enc flags win).",
-                    },
-                ),
+                "dtype": _text_encoder_dtype_input(),
             }
         }
 
