@@ -1,20 +1,54 @@
-"""Lumina-T2I in plain PyTorch: the Flag-DiT, its checkpoints, the LLaMA-2 text encoder, the rectified-flow
-sampler and a script pipeline (`LuminaT2IPipeline`). Nothing here imports ComfyUI; the node pack in `nodes/` wraps
-it."""
+"""The Lumina diffusion transformers in plain PyTorch: Lumina-T2I (Flag-DiT, LLaMA-2-7B) and Lumina-Next (Next-DiT,
+Gemma-2B), their checkpoints and text encoders, the rectified-flow sampler and a script pipeline. Nothing here
+imports ComfyUI; the node pack in `nodes/` wraps it.
 
-from .config import FLAG_DIT_5B, FLAG_DIT_TINY, FlagDiTConfig
-from .model import FlagDiT
+The names below are the package's contract; they are imported on first use, so `import lumina_core` stays light.
+Module paths inside the package (the wings `models`, `text`, `weights`, `sampling`, `image`) may change.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    "load_dit": "families",
+    "load_text_encoder": "families",
+    "get_family": "families",
+    "FAMILIES": "families",
+    "sample": "generation",
+    "make_noise": "sampling.schedule",
+    "time_grid": "sampling.schedule",
+    "solve": "sampling.solvers",
+    "save_conditioning": "conditioning",
+    "load_conditioning": "conditioning",
+    "FlagDiT": "models.flag_dit",
+    "NextDiT": "models.next_dit",
+    "FlagDiTConfig": "models.config",
+    "NextDiTConfig": "models.config",
+    "FLAG_DIT_5B": "models.config",
+    "FLAG_DIT_TINY": "models.config",
+    "LlamaTextEncoder": "text.llama",
+    "GemmaTextEncoder": "text.gemma",
+    "LuminaT2IPipeline": "pipeline",
+    "LuminaT2IPipelineOutput": "pipeline",
+}
+# exported under another name than the module's own
+_RENAMED = {"save_conditioning": "save", "load_conditioning": "load"}
 
 
 def __getattr__(name):
-    # The pipeline pulls in the text encoder (transformers) and the VAE glue: imported on first use only, so that
-    # `import lumina_core` stays light for the nodes.
-    if name in ("LuminaT2IPipeline", "LuminaT2IPipelineOutput"):
-        from . import pipeline
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
 
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = ["FLAG_DIT_5B", "FLAG_DIT_TINY", "FlagDiTConfig", "FlagDiT", "LuminaT2IPipeline", "LuminaT2IPipelineOutput"]
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

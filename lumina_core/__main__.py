@@ -10,8 +10,9 @@ import time
 
 
 def _convert(args) -> int:
-    from .casting import dtype_from_name
-    from .checkpoint import CheckpointError, convert_checkpoint
+    from .dtypes import dtype_from_name
+    from .weights.dit_files import convert_checkpoint
+    from .weights.layouts import CheckpointError
 
     start = time.perf_counter()
 
@@ -34,7 +35,7 @@ def _convert(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .casting import DTYPE_NAMES
+    from .dtypes import DTYPE_NAMES
 
     parser = argparse.ArgumentParser(prog="python -m lumina_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,95 +1,32 @@
-"""Prompt encodings saved to disk, so the text encoder need not be loaded once the prompts are encoded.
-
-A file is a plain safetensors file: `features` [B, L, width] in the dtype they were computed in (float32 from the
-encoders here), `mask` [B, L] bool, and string metadata naming the text-encoder family and width, so that features of
-one family are never fed to the DiT of another (a Lumina-Next Gemma encoding is 2048 wide, Lumina-T2I's LLaMA
-encoding 4096). Reading and writing go through `tensor_io` (no pickles, no memory map): the round trip is bit-exact.
+"""Prompt encodings saved to disk (`lumina_core.weights.saved_conditioning`), with what the registry knows of them:
+which text encoder made the features of each family, and whether a DiT can take them.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-from .tensor_io import SafetensorsFile, WeightsFileError, write_safetensors
-
-FORMAT = "lumina-conditioning"
-FORMAT_VERSION = "1"
-# Text-encoder families whose encodings a Lumina DiT takes: family -> (text encoder, feature width).
-FAMILIES = {
-    "lumina_t2i": ("LLaMA-2-7B", 4096),
-    "lumina_next": ("Gemma-2B", 2048),
-}
-T2I_FAMILY = "lumina_t2i"
-
-
-class ConditioningFileError(WeightsFileError):
-    """A saved encoding that cannot be used, naming the file and what to do."""
-
-
-class SavedConditioning(NamedTuple):
-    features: torch.Tensor  # [B, L, width]
-    mask: torch.Tensor  # [B, L] bool, True on real tokens
-    meta: dict  # family, width, text_encoder, prompt, ... (strings and numbers as saved)
+from .families import FAMILIES
+from .weights.saved_conditioning import (  # noqa: F401  (the names of this module's users)
+    FORMAT,
+    T2I_FAMILY,
+    ConditioningFileError,
+    SavedConditioning,
+    is_conditioning_file,
+    load,
+)
+from .weights.saved_conditioning import save as save_file
 
 
 def save(path, features: torch.Tensor, mask: torch.Tensor, **meta) -> Path:
-    """Write features and mask with `meta` (family defaults to "lumina_t2i"; width is taken from the features).
-
-    Meta values are stored as JSON, so strings, numbers and lists come back as they went in.
-    """
-    path = Path(path)
-    if features.ndim != 3:
-        raise ValueError(f"features must be [batch, tokens, width], got shape {tuple(features.shape)}")
-    if tuple(mask.shape) != tuple(features.shape[:2]):
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match features {tuple(features.shape)}")
+    """Write features and mask with `meta` (family defaults to "lumina_t2i"; width is taken from the features; the
+    family's text encoder is recorded unless given)."""
     family = meta.setdefault("family", T2I_FAMILY)
-    width = int(features.shape[-1])
-    if "width" in meta and int(meta["width"]) != width:
-        raise ValueError(f"meta width {meta['width']} differs from the features' width {width}")
-    meta["width"] = width
     if family in FAMILIES:
-        meta.setdefault("text_encoder", FAMILIES[family][0])
-    features = features.detach().cpu()
-    mask = mask.detach().cpu().bool()
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION}
-    header.update({f"meta.{k}": json.dumps(v) for k, v in meta.items()})
-    write_safetensors(
-        path,
-        iter((("features", features), ("mask", mask))),
-        shapes={"features": (tuple(features.shape), features.dtype), "mask": (tuple(mask.shape), torch.bool)},
-        metadata=header,
-    )
-    return path
-
-
-def load(path) -> SavedConditioning:
-    """Read a file written by `save`: (features, mask, meta), exactly as saved."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConditioningFileError(f"saved conditioning {path} does not exist: check the file name and folder")
-    st = SafetensorsFile(path, ConditioningFileError)
-    header = st.metadata()
-    if header.get("format") != FORMAT or not {"features", "mask"} <= set(st.keys):
-        raise ConditioningFileError(
-            f"{path} is not a saved Lumina conditioning (tensors {', '.join(st.keys[:4]) or 'none'}, format "
-            f"{header.get('format')!r}): make one with Lumina Save Conditioning or `python -m lumina_core demo "
-            f"--save-cond`"
-        )
-    try:
-        meta = {k[len("meta."):]: json.loads(v) for k, v in header.items() if k.startswith("meta.")}
-    except json.JSONDecodeError as err:
-        raise ConditioningFileError(f"{path}: unreadable metadata ({err}); save the conditioning again") from None
-    features, mask = st.get("features"), st.get("mask")
-    if features.ndim != 3 or tuple(mask.shape) != tuple(features.shape[:2]):
-        raise ConditioningFileError(
-            f"{path}: features {tuple(features.shape)} and mask {tuple(mask.shape)} do not belong together; "
-            f"save the conditioning again"
-        )
-    return SavedConditioning(features, mask.bool(), meta)
+        meta.setdefault("text_encoder", FAMILIES[family].text_encoder_title)
+    return save_file(path, features, mask, **meta)
 
 
 def check_family(meta: dict, *, family: str, width: int, source: str = "the conditioning") -> None:
@@ -98,8 +35,8 @@ def check_family(meta: dict, *, family: str, width: int, source: str = "the cond
     found = meta.get("family")
     found_width = meta.get("width")
     if found != family:
-        made_by = FAMILIES.get(found, (f"an unknown text encoder ({found!r})",))[0]
-        wanted = FAMILIES.get(family, (family,))[0]
+        made_by = FAMILIES[found].text_encoder_title if found in FAMILIES else f"an unknown text encoder ({found!r})"
+        wanted = FAMILIES[family].text_encoder_title if family in FAMILIES else family
         raise ValueError(
             f"{source} was encoded for {found} by {made_by} ({found_width}-wide features), but this DiT is {family} "
             f"and needs {wanted} features: encode the prompt again with the text encoder of this DiT."
@@ -109,11 +46,3 @@ def check_family(meta: dict, *, family: str, width: int, source: str = "the cond
             f"{source} has {found_width}-wide features but this DiT expects {width} (its cap_feat_dim): encode the "
             f"prompt again with the text encoder the DiT was trained with."
         )
-
-
-def is_conditioning_file(path) -> bool:
-    """Whether `path` is a file written by `save` (reads its header only; False for anything unreadable)."""
-    try:
-        return SafetensorsFile(Path(path), ConditioningFileError).metadata().get("format") == FORMAT
-    except (OSError, ValueError):
-        return False

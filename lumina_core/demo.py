@@ -20,10 +20,14 @@ from pathlib import Path
 import torch
 
 from . import conditioning
-from .casting import DTYPE_NAMES, dtype_from_name
-from .checkpoint import load_flag_dit, read_flag_dit_config
-from .latent import latent_to_rgb, to_vae_space
-from .sampling import EXTRAPOLATIONS, GUIDANCE_MODES, SOLVERS, make_noise, sample
+from .dtypes import DTYPE_NAMES, dtype_from_name
+from .generation import sample
+from .image.latent import latent_to_rgb, to_vae_space
+from .models.flag_dit import EXTRAPOLATIONS
+from .sampling.guidance import GUIDANCE_MODES
+from .sampling.schedule import make_noise
+from .sampling.solvers import SOLVERS
+from .weights.dit_files import load_flag_dit, read_flag_dit_config
 
 DEFAULT_PROMPT = "a fluffy mouse holding a watermelon, in a magical and colorful setting"
 
@@ -163,7 +167,8 @@ def run_demo(args) -> int:
     try:
         if args.cond is None:
             # Imported here: with saved encodings, transformers (0.3 GB resident once imported) is never loaded.
-            from .text_encoder import LlamaTextEncoder, check_cap_feat_dim
+            from .text.hf_folder import check_cap_feat_dim
+            from .text.llama import LlamaTextEncoder
 
             start = time.perf_counter()
             encoder = LlamaTextEncoder.from_folder(llama_path, dtype=text_dtype, device=device)

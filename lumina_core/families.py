@@ -11,36 +11,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, _check_path, _describe_foreign, _find_prefix
-from .tensor_io import open_tensor_file
+from .models.flag_dit import FlagDiT
+from .models.flag_dit import family_extrapolation as t2i_extrapolation
+from .models.next_dit import NextDiT, next_dit_extrapolation_kwargs
+from .sampling.loop import SamplingDefaults
+from .weights.dit_files import _check_path, load_dit_file, read_dit_config
+from .weights.layouts import CheckpointError, describe_foreign, find_layout
+from .weights.tensor_io import open_tensor_file
 
 logger = logging.getLogger(__name__)
-
-TRAINED_SIZE = 1024  # both families were trained at 1024x1024 pixels
-_SIDE = TRAINED_SIZE // 16  # 64 patches per side at the trained size (VAE factor 8 x patch 2)
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """The settings of a family's original demo. steps counts solver steps (the demos' 30 grid points = 29)."""
-
-    solver: str
-    steps: int
-    cfg: float
-    shift: float
-    extrapolation: str
-    guidance: str = "faithful"
-    watershed: float = 0.3
-    negative_prompt: str = ""
-
 
 @dataclass(frozen=True)
 class Family:
@@ -61,80 +48,35 @@ class Family:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Lumina-T2I
+# What the registry needs of each family, read from the layout table and the modules
 
 
-def _is_flag_dit(keys: list) -> bool:
-    from .next_dit_checkpoint import next_dit_layout
+def _matches(family: str) -> Callable[[list], bool]:
+    def matches(keys: list) -> bool:
+        found = find_layout(keys)
+        return found is not None and found[0].family == family
 
-    if next_dit_layout(keys) is not None:
-        return False
-    prefix = _find_prefix(keys)
-    return prefix is not None and prefix + "eol_token" in keys
-
-
-def _flag_dit_class():
-    from .model import FlagDiT
-
-    return FlagDiT
+    return matches
 
 
-def _read_flag_dit_config(path):
-    from .checkpoint import read_flag_dit_config
+def _loader(family: str) -> Callable:
+    def load(path, *, dtype, device, operations=None):
+        return load_dit_file(path, dtype=dtype, device=device, operations=operations, families=(family,))
 
-    return read_flag_dit_config(path)
+    return load
 
 
-def _load_flag_dit(path, *, dtype, device, operations=None):
-    from .checkpoint import load_flag_dit
+def _text_encoder_class(module: str, name: str):
+    # Imported on first use: transformers is heavy, and a registry lookup (file lists, detection) needs none of it.
+    import importlib
 
-    return load_flag_dit(path, dtype=dtype, device=device, operations=operations)
+    return getattr(importlib.import_module(f"{__package__}.text.{module}"), name)
 
 
 def _is_llama_config(config: dict) -> bool:
     model_type = str(config.get("model_type", "")).lower()
     architectures = [str(a) for a in config.get("architectures") or []]
     return model_type == "llama" or (not model_type and any(a.startswith("Llama") for a in architectures))
-
-
-def _llama_class():
-    from .text_encoder import LlamaTextEncoder
-
-    return LlamaTextEncoder
-
-
-def _t2i_extrapolation(mode: str, latent_h: int, latent_w: int, t: float, watershed: float) -> dict:
-    from .sampling import extrapolation_kwargs
-
-    return extrapolation_kwargs(mode, latent_h, latent_w, t, watershed=watershed)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Lumina-Next
-
-
-def _is_next_dit(keys: list) -> bool:
-    from .next_dit_checkpoint import next_dit_layout
-
-    return next_dit_layout(keys) is not None
-
-
-def _next_dit_class():
-    from .next_dit import NextDiT
-
-    return NextDiT
-
-
-def _read_next_dit_config(path):
-    from .next_dit_checkpoint import read_next_dit_config
-
-    return read_next_dit_config(path)
-
-
-def _load_next_dit(path, *, dtype, device, operations=None):
-    from .next_dit_checkpoint import load_next_dit
-
-    return load_next_dit(path, dtype=dtype, device=device, operations=operations)
 
 
 def _is_gemma_config(config: dict) -> bool:
@@ -144,35 +86,6 @@ def _is_gemma_config(config: dict) -> bool:
     return model_type == "gemma" or (
         not model_type and any(a in ("GemmaModel", "GemmaForCausalLM") for a in architectures)
     )
-
-
-def _gemma_class():
-    from .text_encoder_gemma import GemmaTextEncoder
-
-    return GemmaTextEncoder
-
-
-def next_dit_extrapolation_kwargs(mode: str, latent_h: int, latent_w: int, t: float, watershed: float) -> dict:
-    """Keywords of NextDiT.forward for an image of latent size (latent_h, latent_w), as the Lumina-Next demo sets them.
-
-    "time_aware" (its default): proportional attention with base_seqlen (1024/16)^2 = 4096 image tokens, and, only
-    for images larger than the trained 1024x1024 area, scale_factor = sqrt(W*H)/1024 with the given watershed (the
-    model switches from linear to NTK RoPE scaling there). "t2i": the same scale as NTK at every step, as Lumina-T2I
-    scales (no time-aware switch). "off": the plain model. t is unused: the Next-DiT reads it itself.
-    """
-    if mode == "off":
-        return {}
-    area_scale = math.sqrt(latent_h * 8 * latent_w * 8) / TRAINED_SIZE
-    kwargs = {"proportional_attn": True, "base_seqlen": _SIDE * _SIDE}
-    if area_scale <= 1.0:
-        return kwargs
-    if mode == "time_aware":
-        kwargs.update(scale_factor=area_scale, scale_watershed=watershed)
-    elif mode == "t2i":
-        kwargs.update(scale_factor=area_scale, scale_watershed=0.0)
-    else:
-        raise ValueError(f"unknown extrapolation {mode!r}; choose one of t2i, time_aware, off")
-    return kwargs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -186,13 +99,13 @@ LUMINA_T2I = Family(
     text_encoder_source="the Hugging Face folder of meta-llama/Llama-2-7b-hf",
     latent_format="sdxl",
     defaults=SamplingDefaults(solver="euler", steps=29, cfg=4.0, shift=4.0, extrapolation="t2i"),
-    matches_checkpoint=_is_flag_dit,
-    read_dit_config=_read_flag_dit_config,
-    load_dit=_load_flag_dit,
-    dit_class=_flag_dit_class,
+    matches_checkpoint=_matches("lumina_t2i"),
+    read_dit_config=partial(read_dit_config, families=("lumina_t2i",)),
+    load_dit=_loader("lumina_t2i"),
+    dit_class=lambda: FlagDiT,
     matches_text_encoder=_is_llama_config,
-    text_encoder_class=_llama_class,
-    extrapolation_kwargs=_t2i_extrapolation,
+    text_encoder_class=lambda: _text_encoder_class("llama", "LlamaTextEncoder"),
+    extrapolation_kwargs=t2i_extrapolation,
 )
 
 LUMINA_NEXT = Family(
@@ -203,12 +116,12 @@ LUMINA_NEXT = Family(
     text_encoder_source="the Hugging Face folder of google/gemma-2b",
     latent_format="sdxl",
     defaults=SamplingDefaults(solver="midpoint", steps=29, cfg=4.0, shift=4.0, extrapolation="time_aware"),
-    matches_checkpoint=_is_next_dit,
-    read_dit_config=_read_next_dit_config,
-    load_dit=_load_next_dit,
-    dit_class=_next_dit_class,
+    matches_checkpoint=_matches("lumina_next"),
+    read_dit_config=partial(read_dit_config, families=("lumina_next",)),
+    load_dit=_loader("lumina_next"),
+    dit_class=lambda: NextDiT,
     matches_text_encoder=_is_gemma_config,
-    text_encoder_class=_gemma_class,
+    text_encoder_class=lambda: _text_encoder_class("gemma", "GemmaTextEncoder"),
     extrapolation_kwargs=next_dit_extrapolation_kwargs,
 )
 
@@ -245,7 +158,7 @@ def checkpoint_family(path) -> Family:
     for family in FAMILIES.values():
         if family.matches_checkpoint(keys):
             return family
-    foreign = _describe_foreign(keys)
+    foreign = describe_foreign(keys)
     if foreign and "Lumina-Next" not in foreign:
         raise CheckpointError(f"{path} is {foreign}, not a Lumina-T2I or Lumina-Next DiT")
     raise CheckpointError(

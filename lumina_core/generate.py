@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES
-from .sampling import EXTRAPOLATIONS, GUIDANCE_MODES, SOLVERS
+from .dtypes import DTYPES
+from .models.flag_dit import EXTRAPOLATIONS
+from .sampling.guidance import GUIDANCE_MODES
+from .sampling.solvers import SOLVERS
 
 
 def _out(message: str):
@@ -119,8 +121,8 @@ def png_info(settings: dict):
 
 
 def run_generate(args) -> int:
+    from .image.vae import import_autoencoder_kl
     from .pipeline import LuminaT2IPipeline, size_error
-    from .vae import import_autoencoder_kl
 
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         _out(f"error: --name {args.name!r}: use letters, digits, - and _ only")

@@ -19,12 +19,16 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import load_flag_dit
-from .latent import LATENT_CHANNELS, to_vae_space
-from .model import FlagDiT
-from .sampling import EXTRAPOLATIONS, GUIDANCE_MODES, SOLVERS, make_noise, sample, time_grid
-from .text_encoder import LlamaTextEncoder, check_cap_feat_dim
-from .vae import decode, load_sdxl_vae, to_pil
+from .generation import sample
+from .image.latent import LATENT_CHANNELS, to_vae_space
+from .image.vae import decode, load_sdxl_vae, to_pil
+from .models.flag_dit import EXTRAPOLATIONS, FlagDiT
+from .sampling.guidance import GUIDANCE_MODES
+from .sampling.schedule import make_noise, time_grid
+from .sampling.solvers import SOLVERS
+from .text.hf_folder import check_cap_feat_dim
+from .text.llama import LlamaTextEncoder
+from .weights.dit_files import load_flag_dit
 
 logger = logging.getLogger(__name__)
 
@@ -417,8 +421,8 @@ class LuminaT2IPipeline:
         if not guidance_scale >= 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
         if output_type != "latent" and self._vae is None and self._vae_path is None:
-            raise ValueError(f'this pipeline has no VAE: load it with vae="sdxl_vae.safetensors" or use '
-                             f'output_type="latent"')
+            raise ValueError('this pipeline has no VAE: load it with vae="sdxl_vae.safetensors" or use '
+                             'output_type="latent"')
 
         if prompt is not None:
             n_prompts = len(_as_list(prompt, "prompt"))

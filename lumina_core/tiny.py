@@ -14,9 +14,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, LlamaTokenizerFast
 
-from .checkpoint import save_flag_dit
-from .config import FlagDiTConfig, NextDiTConfig
-from .model import FlagDiT, init_random_weights
+from .models.blocks import init_random_weights
+from .models.config import FlagDiTConfig, NextDiTConfig
+from .models.flag_dit import FlagDiT
+from .models.next_dit import NextDiT
+from .weights.dit_files import save_flag_dit, save_next_dit
 
 
 def make_tiny_flag_dit(seed: int = 0, **overrides) -> FlagDiT:
@@ -33,7 +35,6 @@ def write_tiny_flag_dit(path, seed: int = 0, **overrides) -> Path:
 
 def make_tiny_next_dit(seed: int = 0, **overrides):
     """A NextDiTConfig.tiny() model (grouped-query, cap_feat_dim 32) with every parameter random, norms near 1."""
-    from .next_dit import NextDiT
 
     model = init_random_weights(NextDiT(NextDiTConfig.tiny(**overrides)), seed)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
@@ -46,7 +47,6 @@ def make_tiny_next_dit(seed: int = 0, **overrides):
 
 def write_tiny_next_dit(path, seed: int = 0, layout: str = "original", **overrides) -> Path:
     """A tiny Next-DiT checkpoint in the original or the diffusers key layout."""
-    from .next_dit_checkpoint import save_next_dit
 
     path = Path(path)
     save_next_dit(make_tiny_next_dit(seed, **overrides), path, layout=layout)
@@ -159,7 +159,7 @@ def make_tiny_sdxl_vae(seed: int = 0, widths=TINY_VAE_WIDTHS):
     """diffusers' AutoencoderKL with the SDXL VAE's configuration, narrower, every parameter seeded."""
     from diffusers import AutoencoderKL
 
-    from .vae import sdxl_vae_config
+    from .image.vae import sdxl_vae_config
 
     config = {k: v for k, v in sdxl_vae_config().items() if not k.startswith("_")}
     config["block_out_channels"] = list(widths)

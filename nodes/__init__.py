@@ -1,6 +1,6 @@
 """The ComfyUI nodes of ComfyUI-Lumina (classic node API). Display names are defined here and nowhere else.
 
-Importing this package does not need ComfyUI: the nodes then run on plain Python (see `comfy_glue`).
+Importing this package does not need ComfyUI: the nodes then run on plain Python (see `comfy_env`).
 """
 
 from .conditioning import LuminaLoadConditioning, LuminaSaveConditioning

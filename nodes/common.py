@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from lumina_core.casting import DTYPE_NAMES
-from lumina_core.latent import LATENT_CHANNELS
+from lumina_core.dtypes import DTYPE_NAMES
+from lumina_core.image.latent import LATENT_CHANNELS
 
 # Conditioning made by Lumina Text Encode carries this key (value True) next to its attention mask.
 LUMINA_MARKER = "lumina_t2i_llama"

@@ -12,7 +12,7 @@ import logging
 from lumina_core import conditioning as cond_files
 from lumina_core.conditioning import T2I_FAMILY
 
-from . import comfy_glue
+from . import comfy_env, model_files
 from .common import FAMILY_KEY, LUMINA_MARKER, PROMPT_KEY, make_conditioning
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class LuminaSaveConditioning:
                 f"Lumina Text Encode directly."
             )
         features, extras = conditioning[0]
-        path, name = comfy_glue.conditioning_save_path(filename_prefix)
+        path, name = model_files.conditioning_save_path(filename_prefix)
         meta = {"family": extras.get(FAMILY_KEY, T2I_FAMILY)}
         if extras.get(PROMPT_KEY) is not None:
             meta["prompt"] = extras[PROMPT_KEY]
@@ -74,7 +74,7 @@ class LuminaLoadConditioning:
         return {
             "required": {
                 "conditioning_file": (
-                    comfy_glue.conditioning_file_names(),
+                    model_files.conditioning_file_names(),
                     {
                         "file_upload": True,
                         "tooltip": "A saved encoding: files uploaded to the input folder, or those Lumina Save "
@@ -94,21 +94,21 @@ class LuminaLoadConditioning:
     )
 
     def load(self, conditioning_file):
-        saved = cond_files.load(comfy_glue.conditioning_file_path(conditioning_file))
+        saved = cond_files.load(model_files.conditioning_file_path(conditioning_file))
         family = saved.meta.get("family")
         if family not in cond_files.FAMILIES:
             raise ValueError(
                 f"{conditioning_file} was saved for text-encoder family {family!r}, which no Lumina DiT takes "
                 f"(known: {', '.join(cond_files.FAMILIES)}); encode the prompt again with Lumina Text Encode."
             )
-        features = saved.features.to(comfy_glue.intermediate_device())
+        features = saved.features.to(comfy_env.intermediate_device())
         mask = saved.mask.to(features.device)
         return (make_conditioning(features, mask, prompt=saved.meta.get("prompt"), family=family),)
 
     @classmethod
     def IS_CHANGED(cls, conditioning_file):
         try:
-            with open(comfy_glue.conditioning_file_path(conditioning_file), "rb") as f:
+            with open(model_files.conditioning_file_path(conditioning_file), "rb") as f:
                 return hashlib.sha256(f.read()).hexdigest()
         except OSError:
             return ""

@@ -4,7 +4,7 @@ ComfyUI's flow models ("FLOW" model type, `CONST` parameterisation) describe the
 (1-sigma)*data and expect the network to return v_comfy = noise - data, from which they compute
 denoised = x - sigma*v_comfy. Lumina-T2I uses t = 1 - sigma (0 = noise, 1 = data) and predicts v = data - noise.
 The conversion between the two conventions lives here and nowhere else on the model side (the schedule side is
-`lumina_core.sampling.sigmas_from_time_grid`); ComfyUI's own Lumina 2 does the same (SPEC.md §5).
+`lumina_core.sampling.schedule.sigmas_from_time_grid`); ComfyUI's own Lumina 2 does the same (SPEC.md §5).
 
 Per-step work that is not tensor maths (sigma -> t, the resolution extrapolation of the step, finding the text
 prepared for this generation) is done by `apply_model_wrapper`, outside the network's forward, so that
@@ -23,9 +23,10 @@ from typing import Optional
 import torch
 
 from lumina_core.families import LUMINA_T2I, family_of
-from lumina_core.model import FlagDiT, TextContext
-from lumina_core.next_dit import NextDiT
-from lumina_core.sampling import EXTRAPOLATIONS
+from lumina_core.models.blocks import TextContext
+from lumina_core.models.flag_dit import FlagDiT
+from lumina_core.models.next_dit import NextDiT
+from lumina_core.sampling.loop import EXTRAPOLATIONS
 
 logger = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ computes in its own dtype). The transformer option NETWORK_SIGMA_OPTION = 0 goes
 at exactly sigma = 0 while ComfyUI scales its output by the floor, so its velocity is the core's. Any other flow
 model is evaluated at the floor itself, t = 1 - 1e-6.
 
-Nothing here imports ComfyUI (tested without it); `comfy_glue` wraps `lumina_ode` in ComfyUI's KSAMPLER.
+Nothing here imports ComfyUI (tested without it); `comfy_sampling` wraps `lumina_ode` in ComfyUI's KSAMPLER.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lumina_core.sampling import SOLVERS, solve
+from lumina_core.sampling.solvers import SOLVERS, solve
 
 from .flow_model import NETWORK_SIGMA_OPTION, velocity_from_denoised
 

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from lumina_core.latent import LATENT_CHANNELS
+from lumina_core.image.latent import LATENT_CHANNELS
 
-from . import comfy_glue
-from .common import CUSTOM, MAX_SIZE, MIN_SIZE, PIXEL_MULTIPLE, RESOLUTION_PRESETS, VAE_FACTOR, resolution_size, size_problem
+from . import comfy_env
+from .common import (
+    CUSTOM,
+    MAX_SIZE,
+    MIN_SIZE,
+    PIXEL_MULTIPLE,
+    RESOLUTION_PRESETS,
+    VAE_FACTOR,
+    resolution_size,
+    size_problem,
+)
 
 MAX_BATCH = 64
 
@@ -63,7 +72,7 @@ class LuminaEmptyLatent:
             raise ValueError(problem)
         samples = torch.zeros(
             [batch_size, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR],
-            device=comfy_glue.intermediate_device(),
-            dtype=comfy_glue.intermediate_dtype(),
+            device=comfy_env.intermediate_device(),
+            dtype=comfy_env.intermediate_dtype(),
         )
         return ({"samples": samples, "downscale_ratio_spacial": VAE_FACTOR},)

@@ -3,7 +3,7 @@ LLaMA-2 and Flag-DiT loaders, kept so that saved workflows still load."""
 
 from __future__ import annotations
 
-from . import comfy_glue
+from . import comfy_model, model_files, text_encoder_handle
 from .common import DTYPE_CHOICES, TEXT_ENCODER_TYPE
 
 _FP8_NOTE = "fp8_e4m3fn/fp8_e5m2 keep the linear weights in 8 bits and compute in bf16."
@@ -37,7 +37,7 @@ class LuminaLlamaLoader:
         return {
             "required": {
                 "llama_folder": (
-                    comfy_glue.llama_folder_names(),
+                    model_files.llama_folder_names(),
                     {
                         "tooltip": "A Hugging Face LLaMA folder (config.json, tokenizer, weights) under "
                         "models/text_encoders; Lumina-T2I needs LLaMA-2-7B (Llama-2-7b-hf). Only folders whose "
@@ -56,7 +56,7 @@ class LuminaLlamaLoader:
     DESCRIPTION = "Loads the LLaMA-2-7B text encoder of Lumina-T2I from a Hugging Face folder."
 
     def load(self, llama_folder, dtype):
-        return (comfy_glue.load_text_encoder(comfy_glue.llama_folder_path(llama_folder), dtype),)
+        return (text_encoder_handle.load_text_encoder(model_files.llama_folder_path(llama_folder), dtype),)
 
 
 class LuminaFlagDiTLoader:
@@ -65,7 +65,7 @@ class LuminaFlagDiTLoader:
         return {
             "required": {
                 "dit_name": (
-                    comfy_glue.diffusion_model_names(),
+                    model_files.diffusion_model_names(),
                     {
                         "tooltip": "The Lumina-T2I Flag-DiT checkpoint in models/diffusion_models (e.g. "
                         "lumina_t2i_5b_bf16.safetensors, or the released consolidated.00-of-01.safetensors)."
@@ -85,7 +85,7 @@ class LuminaFlagDiTLoader:
     DESCRIPTION = "Loads the Lumina-T2I Flag-DiT (5B) as a ComfyUI MODEL with low-VRAM offloading and casting."
 
     def load(self, dit_name, weight_dtype):
-        return (comfy_glue.load_flag_dit_model(comfy_glue.diffusion_model_path(dit_name), weight_dtype),)
+        return (comfy_model.load_flag_dit_model(model_files.diffusion_model_path(dit_name), weight_dtype),)
 
 
 class LuminaDiTLoader:
@@ -94,7 +94,7 @@ class LuminaDiTLoader:
         return {
             "required": {
                 "dit_name": (
-                    comfy_glue.diffusion_model_names(),
+                    model_files.diffusion_model_names(),
                     {
                         "tooltip": "A Lumina DiT checkpoint in models/diffusion_models: the Lumina-T2I Flag-DiT, or "
                         "the Lumina-Next Next-DiT in its original (consolidated.00-of-01) or diffusers "
@@ -118,7 +118,7 @@ class LuminaDiTLoader:
     )
 
     def load(self, dit_name, weight_dtype):
-        return (comfy_glue.load_dit_model(comfy_glue.diffusion_model_path(dit_name), weight_dtype),)
+        return (comfy_model.load_dit_model(model_files.diffusion_model_path(dit_name), weight_dtype),)
 
 
 class LuminaTextEncoderLoader:
@@ -127,7 +127,7 @@ class LuminaTextEncoderLoader:
         return {
             "required": {
                 "text_encoder_folder": (
-                    comfy_glue.text_encoder_folder_names(),
+                    model_files.text_encoder_folder_names(),
                     {
                         "tooltip": "A Hugging Face folder (config.json, tokenizer, weights) under "
                         "models/text_encoders: LLaMA-2-7B (Llama-2-7b-hf) for Lumina-T2I, Gemma-2B (gemma-2b) for "
@@ -149,5 +149,5 @@ class LuminaTextEncoderLoader:
     )
 
     def load(self, text_encoder_folder, dtype):
-        folder = comfy_glue.text_encoder_folder_path(text_encoder_folder)
-        return (comfy_glue.load_family_text_encoder(folder, dtype),)
+        folder = model_files.text_encoder_folder_path(text_encoder_folder)
+        return (text_encoder_handle.load_family_text_encoder(folder, dtype),)

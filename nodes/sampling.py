@@ -2,15 +2,19 @@
 guidance as ComfyUI parts: Lumina ODE Sampler (a SAMPLER) and Lumina CFG Guider (a GUIDER) for SamplerCustomAdvanced.
 
 Inside ComfyUI the Lumina Sampler is those parts run through ComfyUI's own sampling, so every patch on the MODEL
-applies; on plain Python (tests, scripts) it calls `lumina_core.sampling.sample`, which computes the same latents.
+applies; on plain Python (tests, scripts) it calls `lumina_core.sample`, which computes the same latents.
 """
 
 from __future__ import annotations
 
-from lumina_core import sampling
-from lumina_core.latent import to_model_space, to_vae_space
+from lumina_core import make_noise, sample
+from lumina_core.image.latent import to_model_space, to_vae_space
+from lumina_core.sampling.guidance import GUIDANCE_MODES
+from lumina_core.sampling.loop import EXTRAPOLATIONS
+from lumina_core.sampling.schedule import sigmas_from_time_grid, time_grid
+from lumina_core.sampling.solvers import SOLVERS
 
-from . import comfy_glue
+from . import comfy_env, comfy_model, comfy_sampling
 from .common import check_latent, text_from_conditioning
 
 MAX_STEPS = 10000
@@ -87,11 +91,11 @@ class LuminaSampler:
                         "evaluated).",
                     },
                 ),
-                "solver": (list(sampling.SOLVERS), {"default": "euler", "tooltip": "ODE solver (dopri5 is adaptive)."}),
+                "solver": (list(SOLVERS), {"default": "euler", "tooltip": "ODE solver (dopri5 is adaptive)."}),
                 "shift": _shift_input(),
                 "denoise": _denoise_input(),
                 "extrapolation": (
-                    list(sampling.EXTRAPOLATIONS),
+                    list(EXTRAPOLATIONS),
                     {
                         "default": "t2i",
                         "tooltip": "Resolution extrapolation. t2i: NTK-aware RoPE and proportional attention, as the "
@@ -99,7 +103,7 @@ class LuminaSampler:
                     },
                 ),
                 "guidance": (
-                    list(sampling.GUIDANCE_MODES),
+                    list(GUIDANCE_MODES),
                     {
                         "default": "faithful",
                         "tooltip": "faithful: guide latent channels 0-2 and keep channel 3 conditional, as the "
@@ -122,22 +126,22 @@ class LuminaSampler:
     def sample(
         self, model, positive, negative, latent_image, seed, steps, cfg, solver, shift, denoise, extrapolation, guidance
     ):
-        dit = comfy_glue.lumina_dit(model)
+        dit = comfy_model.lumina_dit(model)
         raw = check_latent(latent_image)
         cap = dit.config.cap_feat_dim
         cond = text_from_conditioning(positive, cap, "positive", family=dit.family)
         uncond = text_from_conditioning(negative, cap, "negative", family=dit.family) if cfg != 1.0 else None
         out = {k: v for k, v in latent_image.items() if k != "downscale_ratio_spacial"}
-        if comfy_glue.IN_COMFYUI:
+        if comfy_env.IN_COMFYUI:
             out["samples"] = self._sample_in_comfyui(
                 model, positive, negative if uncond is not None else positive, raw, latent_image.get("batch_index"),
                 seed, steps, cfg, solver, shift, denoise, extrapolation, guidance,
             )
             return (out,)
         # Plain Python: nothing can patch the MODEL, so the core computes the same latents directly.
-        noise = sampling.make_noise(seed, raw.shape, latent_image.get("batch_index"))
+        noise = make_noise(seed, raw.shape, latent_image.get("batch_index"))
         device = model.load_device
-        samples = sampling.sample(
+        samples = sample(
             dit,
             noise.to(device),
             cond,
@@ -151,7 +155,7 @@ class LuminaSampler:
             extrapolation=extrapolation,
             guidance=guidance,
         )
-        out["samples"] = to_vae_space(samples.float()).to(comfy_glue.intermediate_device())
+        out["samples"] = to_vae_space(samples.float()).to(comfy_env.intermediate_device())
         return (out,)
 
     @staticmethod
@@ -159,12 +163,12 @@ class LuminaSampler:
                            extrapolation, guidance):
         """Lumina Sigmas + Lumina CFG Guider + Lumina ODE Sampler through ComfyUI's sampling (the negative is the
         positive at cfg 1, where it is not evaluated)."""
-        sigmas = sampling.sigmas_from_time_grid(sampling.time_grid(steps, shift, denoise))
-        comfy_glue.check_interrupted()
+        sigmas = sigmas_from_time_grid(time_grid(steps, shift, denoise))
+        comfy_env.check_interrupted()
         if len(sigmas) < 2:  # denoise 0: nothing to do
-            return raw.clone().to(comfy_glue.intermediate_device())
+            return raw.clone().to(comfy_env.intermediate_device())
         latent = {"samples": raw} if batch_index is None else {"samples": raw, "batch_index": batch_index}
-        return comfy_glue.sample_with_guider(
+        return comfy_sampling.sample_with_guider(
             model, positive, negative, latent, seed=seed, sigmas=sigmas, cfg=cfg, solver=solver, guidance=guidance,
             extrapolation=extrapolation,
         )
@@ -185,7 +189,7 @@ class LuminaSigmas:
     )
 
     def get_sigmas(self, steps, shift, denoise):
-        return (sampling.sigmas_from_time_grid(sampling.time_grid(steps, shift, denoise)),)
+        return (sigmas_from_time_grid(time_grid(steps, shift, denoise)),)
 
 
 def _tolerance_input(default: float, minimum: float, what: str):
@@ -208,7 +212,7 @@ class LuminaODESampler:
         return {
             "required": {
                 "solver": (
-                    list(sampling.SOLVERS),
+                    list(SOLVERS),
                     {
                         "default": "euler",
                         "tooltip": "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second "
@@ -231,7 +235,7 @@ class LuminaODESampler:
     )
 
     def get_sampler(self, solver, rtol, atol):
-        return (comfy_glue.ode_sampler(solver, rtol, atol),)
+        return (comfy_sampling.ode_sampler(solver, rtol, atol),)
 
 
 class LuminaCFGGuider:
@@ -254,7 +258,7 @@ class LuminaCFGGuider:
                     },
                 ),
                 "guidance": (
-                    list(sampling.GUIDANCE_MODES),
+                    list(GUIDANCE_MODES),
                     {
                         "default": "faithful",
                         "tooltip": "faithful: guide latent channels 0-2 and keep the others conditional, as the "
@@ -262,7 +266,7 @@ class LuminaCFGGuider:
                     },
                 ),
                 "extrapolation": (
-                    list(sampling.EXTRAPOLATIONS),
+                    list(EXTRAPOLATIONS),
                     {
                         "default": "t2i",
                         "tooltip": "Resolution extrapolation of Lumina DiTs (other models ignore it): t2i, "
@@ -283,4 +287,4 @@ class LuminaCFGGuider:
     )
 
     def get_guider(self, model, positive, negative, cfg, guidance, extrapolation):
-        return (comfy_glue.cfg_guider(model, positive, negative, cfg, guidance, extrapolation),)
+        return (comfy_sampling.cfg_guider(model, positive, negative, cfg, guidance, extrapolation),)

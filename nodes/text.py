@@ -3,7 +3,7 @@ Lumina-T2I, Gemma-2B for Lumina-Next), their mask and the family they belong to.
 
 from __future__ import annotations
 
-from . import comfy_glue
+from . import text_encoder_handle
 from .common import TEXT_ENCODER_TYPE, make_conditioning
 
 
@@ -43,4 +43,4 @@ class LuminaTextEncode:
 
     def encode(self, text_encoder, text):
         family = getattr(text_encoder.encoder, "family", None)
-        return (make_conditioning(*comfy_glue.encode_text(text_encoder, text), prompt=text, family=family),)
+        return (make_conditioning(*text_encoder_handle.encode_text(text_encoder, text), prompt=text, family=family),)

@@ -3,7 +3,7 @@
 import torch
 
 from lumina_core import tiny
-from lumina_core.model import FlagDiT
+from lumina_core.models.flag_dit import FlagDiT
 
 
 def make_tiny_flag_dit(seed: int = 0, dtype=torch.float32, **overrides) -> FlagDiT:

@@ -12,14 +12,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lumina_core import FLAG_DIT_5B, FlagDiT, FlagDiTConfig
-from lumina_core.checkpoint import (
-    CheckpointError,
+from lumina_core.weights.dit_files import (
     convert_checkpoint,
     infer_flag_dit_config,
     load_flag_dit,
     read_flag_dit_config,
     save_flag_dit,
 )
+from lumina_core.weights.layouts import CheckpointError
 from tests.helpers_dit import make_tiny_flag_dit, random_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def test_saved_metadata_is_plain_json(tmp_path):
 
 
 def test_positioned_reader_returns_what_safetensors_itself_reads(tmp_path):
-    from lumina_core.tensor_io import SafetensorsFile
+    from lumina_core.weights.tensor_io import SafetensorsFile
 
     state = {
         "a": torch.randn(3, 5),

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from lumina_core import families
-from lumina_core.checkpoint import CheckpointError
-from lumina_core.next_dit import NextDiT
+from lumina_core.models.next_dit import NextDiT
 from lumina_core.tiny import write_tiny_flag_dit, write_tiny_next_dit
+from lumina_core.weights.layouts import CheckpointError
 from nodes.flow_model import ComfyFlowMixin, comfy_dit_class
 
 
@@ -45,7 +45,7 @@ def test_each_checkpoint_matches_exactly_one_family(tmp_path):
     }
     paths["lumina_next_diffusers"] = write_tiny_next_dit(tmp_path / "next_d.safetensors", layout="diffusers")
     for name, path in paths.items():
-        from lumina_core.tensor_io import open_tensor_file
+        from lumina_core.weights.tensor_io import open_tensor_file
 
         keys = open_tensor_file(path).keys
         matching = [f.name for f in families.FAMILIES.values() if f.matches_checkpoint(keys)]

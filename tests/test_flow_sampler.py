@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lumina_core.sampling import extrapolation_kwargs, guide, solve, time_grid
+from lumina_core.models.flag_dit import extrapolation_kwargs
+from lumina_core.sampling.guidance import guide
+from lumina_core.sampling.solvers import solve
 from nodes.flow_model import (
     NETWORK_SIGMA_OPTION,
     STEP_KWARG,
@@ -18,7 +20,7 @@ from nodes.flow_model import (
 )
 from nodes.flow_sampler import SIGMA_FLOOR, keep_conditional_channels, lumina_ode
 from tests.helpers_dit import make_tiny_flag_dit, random_text
-from tests.test_sampling import gaussian_velocity, MU, S
+from tests.test_sampling import MU, S, gaussian_velocity
 
 
 class FlowDenoiser:

@@ -13,13 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from lumina_core import casting, conditioning
+from lumina_core import conditioning, dtypes
 from lumina_core.__main__ import main as cli
-from lumina_core.casting import CastLinear, dtype_from_name, linear_weight_names, swap_linear_layers
-from lumina_core.checkpoint import convert_checkpoint, load_flag_dit, save_flag_dit
-from lumina_core.sampling import make_noise, sample
-from lumina_core.text_encoder import LlamaTextEncoder
+from lumina_core.dtypes import dtype_from_name
+from lumina_core.generation import sample
+from lumina_core.sampling.schedule import make_noise
+from lumina_core.text.llama import LlamaTextEncoder
 from lumina_core.tiny import make_tiny_flag_dit, write_tiny_llama_folder
+from lumina_core.weights.dit_files import convert_checkpoint, load_flag_dit, save_flag_dit
+from lumina_core.weights.fp8 import CastLinear, linear_weight_names, swap_linear_layers
+from tests.conftest import BF16_U
 from tests.helpers_dit import random_text
 
 E4M3 = torch.float8_e4m3fn
@@ -55,7 +58,7 @@ def test_dtype_names_include_fp8_and_refuse_unknown_ones():
 
 
 def test_a_torch_without_float8_gets_a_clear_message(monkeypatch):
-    monkeypatch.delitem(casting.DTYPES, "fp8_e4m3fn")
+    monkeypatch.delitem(dtypes.DTYPES, "fp8_e4m3fn")
     with pytest.raises(ValueError, match=r"'fp8_e4m3fn' needs a PyTorch with float8 dtypes.*Choose bf16"):
         dtype_from_name("fp8_e4m3fn")
 
@@ -97,7 +100,7 @@ def test_fp8_dit_load_casts_linear_weights_once_and_keeps_the_rest(fp32_file, fp
     model = load_flag_dit(fp32_file, dtype=fp8)
     linear = linear_weight_names(model)
     assert len(linear) > 0
-    compute = casting.fp8_compute_dtype("cpu")
+    compute = dtypes.compute_dtype_for("cpu")
     assert model.compute_dtype == compute
     for key, value in model.state_dict().items():
         if key in linear:
@@ -107,9 +110,13 @@ def test_fp8_dit_load_casts_linear_weights_once_and_keeps_the_rest(fp32_file, fp
             assert value.dtype == compute and torch.equal(value, ref.state_dict()[key].to(compute)), key
 
 
-def test_fp8_dit_equals_bf16_dit_with_weights_rounded_through_fp8(fp32_file):
-    model = load_flag_dit(fp32_file, dtype=E4M3)
-    model.compute_dtype = torch.bfloat16
+def test_fp8_dit_equals_bf16_dit_with_weights_rounded_through_fp8(fp32_file, monkeypatch):
+    dtypes.force_cpu_compute_dtype(torch.bfloat16)  # the bf16 path, on any CPU (fp32: the test below)
+    try:
+        model = load_flag_dit(fp32_file, dtype=E4M3)
+    finally:
+        dtypes.force_cpu_compute_dtype(None)
+    assert model.compute_dtype == torch.bfloat16
     # Reference: a plain bf16 model whose linear weights hold the fp8-rounded values.
     ref = load_flag_dit(fp32_file, dtype=torch.bfloat16)
     fp32_model = load_flag_dit(fp32_file, dtype=torch.float32)
@@ -123,13 +130,17 @@ def test_fp8_dit_equals_bf16_dit_with_weights_rounded_through_fp8(fp32_file):
     feats, mask = random_text(2, 5, model.config.cap_feat_dim)
     out, expected = model(x, t, feats, mask), ref(x, t, feats, mask)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, expected)
+    # The same weight values and the same bf16 arithmetic: only a kernel's reduction order for the same inputs may
+    # differ (CPUs without native bf16 emulate it), which stays within one bf16 rounding of the output (2^-8
+    # relative). The fp8 rounding this test is about costs several times that (checked below against fp32).
+    assert ((out - expected).norm() / expected.norm()).item() <= BF16_U
     fp32 = fp32_model(x, t, feats, mask)
     rel = ((out - fp32).norm() / fp32.norm()).item()
     assert 1e-3 < rel < 0.2  # fp8 is really used (not bf16), and stays close
 
 
-def test_convert_to_fp8_writes_fp8_linear_weights_and_bf16_rest_and_loads_without_bf16(fp32_file, tmp_path):
+def test_convert_to_fp8_writes_fp8_linear_weights_and_bf16_rest_and_loads_without_bf16(fp32_file, tmp_path,
+                                                                                        cpu_compute):
     out = tmp_path / "lumina_fp8.safetensors"
     assert cli(["convert", str(fp32_file), str(out), "--dtype", "fp8_e4m3fn"]) == 0
     header = _header(out)
@@ -141,11 +152,15 @@ def test_convert_to_fp8_writes_fp8_linear_weights_and_bf16_rest_and_loads_withou
     n_other = sum(v.numel() for k, v in model.state_dict().items() if k not in linear)
     data = out.stat().st_size - 8 - struct.unpack("<Q", out.read_bytes()[:8])[0]
     assert data == n_linear + 2 * n_other
-    # Loading the fp8 file into fp8 gives the very tensors loading the fp32 release into fp8 gives.
+    # Loading the fp8 file into fp8 gives the very linear weights loading the fp32 release into fp8 gives, and the
+    # other tensors as the file stores them (bf16) in the compute dtype: bf16, or fp32 on a CPU without bf16, where
+    # the release's own fp32 values differ from the file's in the bits bf16 dropped.
     from_fp8 = load_flag_dit(out, dtype=E4M3).state_dict()
     from_fp32 = load_flag_dit(fp32_file, dtype=E4M3).state_dict()
     for key in from_fp32:
-        assert from_fp8[key].dtype == from_fp32[key].dtype and torch.equal(_bits(from_fp8[key]), _bits(from_fp32[key]))
+        assert from_fp8[key].dtype == from_fp32[key].dtype
+        stored = from_fp32[key] if key in linear else from_fp32[key].to(torch.bfloat16).to(cpu_compute)
+        assert from_fp8[key].dtype == stored.dtype and torch.equal(_bits(from_fp8[key]), _bits(stored)), key
     # dtype None keeps the file's fp8 (and computes through the casting layers).
     kept = load_flag_dit(out, dtype=None)
     assert kept.x_embedder.weight.dtype == E4M3 and isinstance(kept.x_embedder, CastLinear)
@@ -302,7 +317,7 @@ def test_demo_refuses_an_encoding_of_another_family(tmp_path, capsys):
 
 
 def test_fp8_computes_in_fp32_on_a_cpu_without_bf16(fp32_file, monkeypatch):
-    monkeypatch.setattr(casting, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(dtypes, "cpu_supports_bf16", lambda: False)
     model = load_flag_dit(fp32_file, dtype=E4M3)
     assert model.compute_dtype == torch.float32 and model.eol_token.dtype == torch.float32
     feats, mask = random_text(1, 4, model.config.cap_feat_dim)
@@ -322,11 +337,11 @@ def test_fp8_computes_in_fp32_on_a_cpu_without_bf16(fp32_file, monkeypatch):
 
 @pytest.fixture()
 def node_models(tmp_path, monkeypatch):
-    from nodes import comfy_glue
+    from nodes import model_files
     from tests.helpers_nodes import make_tiny_models
 
     paths = make_tiny_models(tmp_path / "models")
-    monkeypatch.setattr(comfy_glue, "_plain_folders", {
+    monkeypatch.setattr(model_files, "_plain_folders", {
         "diffusion_models": [str(paths["root"] / "diffusion_models")],
         "text_encoders": [str(paths["root"] / "text_encoders")],
     })

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lumina_core import FLAG_DIT_5B, FlagDiT, FlagDiTConfig
-from lumina_core.layers import apply_rope, rope_cos_sin
+from lumina_core.models.layers import apply_rope, rope_cos_sin
 from tests.helpers_dit import make_tiny_flag_dit, random_text
 from tests.reference_flag_dit import reference_forward
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lumina_core.config import NEXT_DIT_2B, NEXT_DIT_2B_GQA, NextDiTConfig
-from lumina_core.layers import apply_rope, rope_2d_cos_sin
-from lumina_core.next_dit import NextDiT
+from lumina_core.models.config import NEXT_DIT_2B, NEXT_DIT_2B_GQA, NextDiTConfig
+from lumina_core.models.layers import apply_rope, rope_2d_cos_sin
+from lumina_core.models.next_dit import NextDiT
 from lumina_core.tiny import make_tiny_next_dit
 from tests.helpers_dit import random_text
 from tests.reference_next_dit import reference_forward

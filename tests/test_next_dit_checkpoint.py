@@ -6,18 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lumina_core.checkpoint import CheckpointError, load_dit, load_flag_dit
-from lumina_core.config import NEXT_DIT_2B_GQA
-from lumina_core.model import FlagDiT
-from lumina_core.next_dit import NextDiT
-from lumina_core.next_dit_checkpoint import (
-    diffusers_to_original,
-    load_next_dit,
-    original_to_diffusers,
-    read_next_dit_config,
-    save_next_dit,
-)
+from lumina_core.families import load_dit
+from lumina_core.models.config import NEXT_DIT_2B_GQA
+from lumina_core.models.flag_dit import FlagDiT
+from lumina_core.models.next_dit import NextDiT
 from lumina_core.tiny import make_tiny_next_dit, write_tiny_flag_dit, write_tiny_next_dit
+from lumina_core.weights.dit_files import load_flag_dit, load_next_dit, read_next_dit_config, save_next_dit
+from lumina_core.weights.layouts import CheckpointError, diffusers_to_original, original_to_diffusers
 from tests.helpers_dit import random_text
 
 
@@ -187,7 +182,7 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path):
 def test_chunked_read_equals_safetensors_own_read_cast(tmp_path):
     from safetensors import safe_open
 
-    from lumina_core.tensor_io import SafetensorsFile
+    from lumina_core.weights.tensor_io import SafetensorsFile
 
     state = {"a": torch.randn(1000, 37), "b": torch.randn(5).half(), "empty": torch.randn(0, 3)}
     path = tmp_path / "x.safetensors"

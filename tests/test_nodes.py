@@ -10,16 +10,17 @@ import inspect
 import pytest
 import torch
 
-from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, REPO, TINY_HIDDEN, make_tiny_models
-
-from lumina_core.checkpoint import load_flag_dit
-from lumina_core.latent import SDXL_SCALING_FACTOR
-from lumina_core.sampling import extrapolation_kwargs, make_noise, sample, time_grid
-from lumina_core.text_encoder import LlamaTextEncoder
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_glue
+from lumina_core.generation import sample
+from lumina_core.image.latent import SDXL_SCALING_FACTOR
+from lumina_core.models.flag_dit import extrapolation_kwargs
+from lumina_core.sampling.schedule import make_noise, time_grid
+from lumina_core.text.llama import LlamaTextEncoder
+from lumina_core.weights.dit_files import load_flag_dit
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_env, comfy_model, model_files
 from nodes.common import LUMINA_MARKER, RESOLUTION_PRESETS, make_conditioning
 from nodes.flow_model import ComfyFlagDiT, comfy_output_from_velocity, lumina_t_from_sigma
 from tests.helpers_dit import make_tiny_flag_dit, random_text
+from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, REPO, TINY_HIDDEN, make_tiny_models
 
 N = NODE_CLASS_MAPPINGS
 EXPECTED_NODES = {
@@ -91,7 +92,7 @@ def test_numeric_limits_of_the_sampler():
     assert req["guidance"][0] == ["faithful", "all"] and req["guidance"][1]["default"] == "faithful"
 
 
-def test_only_comfy_glue_imports_comfyui():
+def test_only_comfy_env_imports_comfyui():
     importers = set()
     for path in sorted((REPO / "nodes").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -102,8 +103,8 @@ def test_only_comfy_glue_imports_comfyui():
                 names = [node.module or ""]
             if any(n.split(".")[0] in ("comfy", "folder_paths", "latent_preview", "comfy_extras") for n in names):
                 importers.add(path.name)
-    assert importers == {"comfy_glue.py"}
-    assert comfy_glue.IN_COMFYUI is False
+    assert importers == {"comfy_env.py"}
+    assert comfy_env.IN_COMFYUI is False
 
 
 def test_root_package_registers_nothing_without_comfyui():
@@ -174,8 +175,8 @@ def models(tmp_path_factory):
     from tests.helpers_llama import make_tiny_llama_folder
 
     make_tiny_llama_folder(root / "text_encoders" / "meta" / "llama-small", hidden_size=TINY_HIDDEN)
-    comfy_glue.set_model_folders("diffusion_models", [root / "diffusion_models"])
-    comfy_glue.set_model_folders("text_encoders", [root / "text_encoders"])
+    model_files.set_model_folders("diffusion_models", [root / "diffusion_models"])
+    model_files.set_model_folders("text_encoders", [root / "text_encoders"])
     return paths
 
 
@@ -209,10 +210,10 @@ def test_loaders_refuse_missing_files(models):
 
 
 def test_loaders_apply_the_dtype(loaded, models):
-    dit = comfy_glue.lumina_dit(loaded["model"])
+    dit = comfy_model.lumina_dit(loaded["model"])
     assert dit.x_embedder.weight.dtype == torch.float32
     (bf16,) = N["LuminaFlagDiTLoader"]().load(DIT_NAME, "bf16")
-    assert comfy_glue.lumina_dit(bf16).x_embedder.weight.dtype == torch.bfloat16
+    assert comfy_model.lumina_dit(bf16).x_embedder.weight.dtype == torch.bfloat16
     (te16,) = N["LuminaLlamaLoader"]().load(LLAMA_NAME, "auto")
     assert te16.encoder.dtype == torch.bfloat16  # plain Python's "auto"
 

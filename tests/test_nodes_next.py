@@ -6,20 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers_nodes import DIT_NAME, GEMMA_NAME, LLAMA_NAME, NEXT_DIT_NAME, TINY_HIDDEN, make_tiny_models
-
 from lumina_core import families
-from lumina_core.latent import SDXL_SCALING_FACTOR
-from lumina_core.next_dit import NextDiT
-from lumina_core.next_dit_checkpoint import load_next_dit
-from lumina_core.sampling import make_noise, sample
-from lumina_core.text_encoder import LlamaTextEncoder
-from lumina_core.text_encoder_gemma import GemmaTextEncoder
+from lumina_core.generation import sample
+from lumina_core.image.latent import SDXL_SCALING_FACTOR
+from lumina_core.models.next_dit import NextDiT
+from lumina_core.sampling.schedule import make_noise
+from lumina_core.text.gemma import GemmaTextEncoder
+from lumina_core.text.llama import LlamaTextEncoder
 from lumina_core.tiny import write_tiny_next_dit
+from lumina_core.weights.dit_files import load_next_dit
 from nodes import NODE_CLASS_MAPPINGS as N
-from nodes import comfy_glue
+from nodes import comfy_model, model_files
 from nodes.common import FAMILY_KEY
 from nodes.flow_model import ComfyNextDiT, comfy_output_from_velocity
+from tests.helpers_nodes import DIT_NAME, GEMMA_NAME, LLAMA_NAME, NEXT_DIT_NAME, TINY_HIDDEN, make_tiny_models
 
 PROMPT = "a red cat sat on the mat"
 DIFFUSERS_NAME = "lumina_next_sft_diffusers.safetensors"
@@ -35,8 +35,8 @@ def models(tmp_path_factory):
     (root / "text_encoders" / "t5xxl" / "config.json").write_text('{"model_type": "t5"}')
     (root / "text_encoders" / "gemma2").mkdir()
     (root / "text_encoders" / "gemma2" / "config.json").write_text('{"model_type": "gemma2"}')
-    comfy_glue.set_model_folders("diffusion_models", [root / "diffusion_models"])
-    comfy_glue.set_model_folders("text_encoders", [root / "text_encoders"])
+    model_files.set_model_folders("diffusion_models", [root / "diffusion_models"])
+    model_files.set_model_folders("text_encoders", [root / "text_encoders"])
     return paths
 
 
@@ -79,12 +79,12 @@ def test_loader_lists_hold_both_families(models):
 
 
 def test_loaders_return_the_family_of_the_file(loaded, models):
-    next_dit = comfy_glue.lumina_dit(loaded["next"])
+    next_dit = comfy_model.lumina_dit(loaded["next"])
     assert isinstance(next_dit, NextDiT) and next_dit.family == "lumina_next"
-    assert comfy_glue.lumina_dit(loaded["flag"]).family == "lumina_t2i"
+    assert comfy_model.lumina_dit(loaded["flag"]).family == "lumina_t2i"
     assert isinstance(loaded["gemma"].encoder, GemmaTextEncoder)
     (diffusers,) = N["LuminaDiTLoader"]().load(DIFFUSERS_NAME, "bf16")
-    dit = comfy_glue.lumina_dit(diffusers)
+    dit = comfy_model.lumina_dit(diffusers)
     assert dit.x_embedder.weight.dtype == torch.bfloat16
     assert torch.equal(dit.x_embedder.weight, next_dit.x_embedder.weight.to(torch.bfloat16))
 

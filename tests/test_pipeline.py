@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, make_tiny_models
-
 from lumina_core import LuminaT2IPipeline
-from lumina_core.latent import SDXL_SCALING_FACTOR, to_vae_space
-from lumina_core.sampling import make_noise, sample
+from lumina_core.generation import sample
+from lumina_core.image.latent import SDXL_SCALING_FACTOR, to_vae_space
+from lumina_core.image.vae import INSTALL_HINT
+from lumina_core.sampling.schedule import make_noise
 from lumina_core.tiny import make_tiny_flag_dit
-from lumina_core.vae import INSTALL_HINT
+from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, make_tiny_models
 
 try:
     import diffusers  # noqa: F401
@@ -284,10 +284,10 @@ def test_precomputed_embeddings_give_the_prompt_path_latent(files, pipe):
 
 def test_pipeline_latent_equals_the_lumina_sampler_node(files, pipe):
     from nodes import NODE_CLASS_MAPPINGS as N
-    from nodes import comfy_glue
+    from nodes import model_files
 
-    comfy_glue.set_model_folders("diffusion_models", [files["root"] / "diffusion_models"])
-    comfy_glue.set_model_folders("text_encoders", [files["root"] / "text_encoders"])
+    model_files.set_model_folders("diffusion_models", [files["root"] / "diffusion_models"])
+    model_files.set_model_folders("text_encoders", [files["root"] / "text_encoders"])
     (te,) = N["LuminaLlamaLoader"]().load(LLAMA_NAME, "fp32")
     (model,) = N["LuminaFlagDiTLoader"]().load(DIT_NAME, "fp32")
     (pos,) = N["LuminaTextEncode"]().encode(te, PROMPT)
@@ -384,7 +384,7 @@ def test_from_pretrained_folder_layout(files, pipe, tmp_path):
 
 
 def test_packaged_config_is_the_released_sdxl_vae():
-    from lumina_core.vae import sdxl_vae_config
+    from lumina_core.image.vae import sdxl_vae_config
 
     config = sdxl_vae_config()
     # Facts of stabilityai/sdxl-vae: 4 levels of 128/256/512/512 channels, 2 resnets each, 4 latent channels, the
@@ -399,7 +399,7 @@ def test_released_shapes_use_the_packaged_config(tmp_path):
     as exactly the packaged configuration, so the packaged folder itself is what from_single_file gets."""
     from safetensors.torch import save_file
 
-    from lumina_core.vae import config_for_file, sdxl_vae_config
+    from lumina_core.image.vae import config_for_file, sdxl_vae_config
 
     tensors, cin = {}, 128
     for level, width in enumerate((128, 256, 512, 512)):
@@ -415,8 +415,8 @@ def test_released_shapes_use_the_packaged_config(tmp_path):
 @needs_diffusers
 @pytest.mark.parametrize("ldm_layout", [True, False])
 def test_vae_file_in_either_layout_decodes_as_the_model_it_was_written_from(tmp_path, ldm_layout):
+    from lumina_core.image.vae import decode, load_sdxl_vae
     from lumina_core.tiny import write_tiny_sdxl_vae
-    from lumina_core.vae import decode, load_sdxl_vae
 
     path, reference = write_tiny_sdxl_vae(tmp_path / "vae.safetensors", seed=3, ldm_layout=ldm_layout)
     vae = load_sdxl_vae(path)
@@ -429,7 +429,7 @@ def test_vae_file_in_either_layout_decodes_as_the_model_it_was_written_from(tmp_
 def test_vae_files_that_are_not_an_sdxl_vae_are_refused(tmp_path, files):
     from safetensors.torch import save_file
 
-    from lumina_core.vae import VAEError, config_for_file
+    from lumina_core.image.vae import VAEError, config_for_file
 
     with pytest.raises(VAEError, match="not a VAE in the SDXL layout"):
         config_for_file(files["dit"])
@@ -503,7 +503,7 @@ def test_demo_preview_png_is_the_latent_to_rgb_of_its_latent(tmp_path):
     from safetensors.torch import load_file
 
     from lumina_core.__main__ import main
-    from lumina_core.latent import latent_to_rgb
+    from lumina_core.image.latent import latent_to_rgb
 
     assert main(["demo", "--out", str(tmp_path), "--width", "48", "--height", "32", "--steps", "2"]) == 0
     raw = load_file(str(tmp_path / "lumina_demo.latent"))["latent_tensor"]
@@ -523,7 +523,7 @@ def test_callback_on_step_end_sees_every_step_and_can_stop(pipe):
         seen.append((step, round(t, 6), tuple(kwargs["latents"].shape)))
 
     out = _latent(pipe, seed=1, callback_on_step_end=callback, num_inference_steps=4)
-    from lumina_core.sampling import time_grid
+    from lumina_core.sampling.schedule import time_grid
 
     grid = [round(float(t), 6) for t in time_grid(4, 4.0)[1:]]
     assert seen == [(i, grid[i], (1, 4, H // 8, W // 8)) for i in range(4)]

@@ -5,17 +5,11 @@ import math
 import pytest
 import torch
 
-from lumina_core.sampling import (
-    EVALS_PER_STEP,
-    SamplingError,
-    extrapolation_kwargs,
-    guide,
-    make_noise,
-    sample,
-    sigmas_from_time_grid,
-    solve,
-    time_grid,
-)
+from lumina_core.generation import sample
+from lumina_core.models.flag_dit import extrapolation_kwargs
+from lumina_core.sampling.guidance import guide
+from lumina_core.sampling.schedule import make_noise, sigmas_from_time_grid, time_grid
+from lumina_core.sampling.solvers import EVALS_PER_STEP, SamplingError, solve
 from tests.helpers_dit import make_tiny_flag_dit, random_text
 
 # Data ~ N(mu, s^2), noise ~ N(0, 1): the exact velocity of the linear path and the exact transport z -> mu + s*z.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lumina_core.families import LUMINA_NEXT, LUMINA_T2I, family_of, next_dit_extrapolation_kwargs
-from lumina_core.sampling import sample
+from lumina_core.generation import sample
 from lumina_core.tiny import make_tiny_next_dit
 from tests.helpers_dit import random_text
 
@@ -79,7 +79,11 @@ def test_sample_with_defaults_equals_the_original_procedure():
     got = sample(model, z, cond, uncond)  # every setting from the family defaults
     want = original_procedure(model, z, feats, mask, num_steps=30, cfg=4.0, t_shift=4.0, w=96, h=64,
                               extrapolating=False)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The same maths in another batch layout (cond and uncond padded to one caption length, the text prepared once):
+    # fp32 reductions in another order, amplified by cfg 4 and 58 evaluations. Measured up to 2.8e-5 on an AVX512
+    # CPU; 1e-4 (about 1700 fp32 roundings) bounds it. Guiding all four channels instead of three moves the result
+    # by O(0.1).
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 class RecordingNextDiT:

@@ -1,4 +1,4 @@
-"""Tests of lumina_core.text_encoder on tiny LLaMA folders (CPU, seeded, no network).
+"""Tests of lumina_core.text.llama on tiny LLaMA folders (CPU, seeded, no network).
 
 The truths used: transformers' own `LlamaModel.from_pretrained` and normally constructed `LlamaModel`, the folder's
 tokenizer called directly, and the layout SPEC §3 gives ([BOS] + tokens + [EOS], right padding with 0).
@@ -13,8 +13,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaModel
 
-from lumina_core import text_encoder as te
-from lumina_core.text_encoder import LlamaTextEncoder, TextEncoderError, check_cap_feat_dim
+from lumina_core.text import hf_weights
+from lumina_core.text import llama as te
+from lumina_core.text.hf_folder import check_cap_feat_dim
+from lumina_core.text.hf_weights import TextEncoderError
+from lumina_core.text.llama import LlamaTextEncoder
 from tests.helpers_llama import (
     llama2_hf_config_json,
     make_tiny_llama_folder,
@@ -176,8 +179,8 @@ def test_causal_lm_weights_load_without_lm_head(folders, layout, monkeypatch):
     # Spy on the one function that materialises a tensor: the LM head, which has the embedding's shape
     # [vocab, hidden], must never be copied out of the file.
     copied = []
-    real_copy = te._copy_as
-    monkeypatch.setattr(te, "_copy_as", lambda t, *a: copied.append(tuple(t.shape)) or real_copy(t, *a))
+    real_copy = hf_weights._copy_as
+    monkeypatch.setattr(hf_weights, "_copy_as", lambda t, *a: copied.append(tuple(t.shape)) or real_copy(t, *a))
     encoder = LlamaTextEncoder.from_folder(folders[layout], dtype=torch.float32)
     config = tiny_llama_config()
     assert copied.count((config.vocab_size, config.hidden_size)) == 1  # embed_tokens only

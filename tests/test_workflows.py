@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from nodes import NODE_CLASS_MAPPINGS
 from tests.helpers_nodes import (
     CONTROL_VALUES,
     CORE_NODES,
@@ -21,8 +22,6 @@ from tests.helpers_nodes import (
     widget_inputs,
     widget_values,
 )
-
-from nodes import NODE_CLASS_MAPPINGS
 
 WORKFLOWS = load_workflows()
 PACK = pack_object_info()

@@ -21,8 +21,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from lumina_core.config import FlagDiTConfig  # noqa: E402
-from lumina_core.model import FlagDiT, init_random_weights  # noqa: E402
+from lumina_core.models.blocks import init_random_weights  # noqa: E402
+from lumina_core.models.config import FlagDiTConfig  # noqa: E402
+from lumina_core.models.flag_dit import FlagDiT  # noqa: E402
 
 # The mid-size configuration of issue #7: the 5B architecture at a width that runs on a laptop CPU.
 MID = FlagDiTConfig(dim=1024, n_layers=8, n_heads=16, cap_feat_dim=4096)

@@ -58,8 +58,9 @@ from _common import (  # noqa: E402
 )
 from torch._dynamo.utils import counters  # noqa: E402
 
-from lumina_core.config import FlagDiTConfig  # noqa: E402
-from lumina_core.sampling import make_noise, sample  # noqa: E402
+from lumina_core.generation import sample  # noqa: E402
+from lumina_core.models.config import FlagDiTConfig  # noqa: E402
+from lumina_core.sampling.schedule import make_noise  # noqa: E402
 
 CORE = str(Path(__file__).resolve().parents[2] / "lumina_core")
 

@@ -24,12 +24,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from lumina_core import FLAG_DIT_5B, FlagDiT, FlagDiTConfig  # noqa: E402
-from lumina_core.tensor_io import write_safetensors  # noqa: E402
+from lumina_core.weights.tensor_io import write_safetensors  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[3])
-from lumina_core.checkpoint import load_flag_dit
+from lumina_core.weights.dit_files import load_flag_dit
 start = time.perf_counter()
 model = load_flag_dit(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 seconds = time.perf_counter() - start

@@ -20,13 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from _common import MID, build_model, random_text, table  # noqa: E402
-from lumina_core.casting import fp8_compute_dtype  # noqa: E402
-from lumina_core.checkpoint import load_flag_dit, save_flag_dit  # noqa: E402
-from lumina_core.sampling import make_noise, sample  # noqa: E402
-from lumina_core.text_encoder import LlamaTextEncoder  # noqa: E402
+
+from lumina_core.dtypes import compute_dtype_for as fp8_compute_dtype  # noqa: E402
+from lumina_core.generation import sample  # noqa: E402
+from lumina_core.sampling.schedule import make_noise  # noqa: E402
+from lumina_core.text.llama import LlamaTextEncoder  # noqa: E402
 from lumina_core.tiny import make_tiny_llama_folder  # noqa: E402
+from lumina_core.weights.dit_files import load_flag_dit, save_flag_dit  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
           "fp8_e5m2": torch.float8_e5m2}

@@ -34,13 +34,14 @@ import torch  # noqa: E402
 from _common import add_timing_args, apply_timing_args, interleaved, median, table, timed  # noqa: E402
 
 from lumina_core.__main__ import main  # noqa: E402
-from lumina_core.checkpoint import load_flag_dit  # noqa: E402
 from lumina_core.generate import png_info  # noqa: E402
-from lumina_core.latent import to_vae_space  # noqa: E402
-from lumina_core.sampling import make_noise, sample  # noqa: E402
-from lumina_core.text_encoder import LlamaTextEncoder  # noqa: E402
+from lumina_core.generation import sample  # noqa: E402
+from lumina_core.image.latent import to_vae_space  # noqa: E402
+from lumina_core.image.vae import decode, load_sdxl_vae, to_pil  # noqa: E402
+from lumina_core.sampling.schedule import make_noise  # noqa: E402
+from lumina_core.text.llama import LlamaTextEncoder  # noqa: E402
 from lumina_core.tiny import TINY_VAE_WIDTHS, make_tiny_llama_folder, write_tiny_flag_dit, write_tiny_sdxl_vae  # noqa: E402
-from lumina_core.vae import decode, load_sdxl_vae, to_pil  # noqa: E402
+from lumina_core.weights.dit_files import load_flag_dit  # noqa: E402
 
 CONFIGS = {
     "tiny": {"dit": {}, "llama": {"hidden_size": 32, "n_layers": 2}, "vae": TINY_VAE_WIDTHS},

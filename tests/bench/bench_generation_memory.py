@@ -30,9 +30,11 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-from lumina_core.config import FlagDiTConfig
-from lumina_core.model import FlagDiT, init_random_weights
-from lumina_core.sampling import make_noise, sample
+from lumina_core.models.config import FlagDiTConfig
+from lumina_core.models.blocks import init_random_weights
+from lumina_core.models.flag_dit import FlagDiT
+from lumina_core.generation import sample
+from lumina_core.sampling.schedule import make_noise
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -100,7 +102,7 @@ def main() -> int:
     latent = args.size // 8
     loop_latent = 64 if args.quick else latent
 
-    from lumina_core.config import FlagDiTConfig
+    from lumina_core.models.config import FlagDiTConfig
 
     tiny = FlagDiTConfig.tiny()
     gb = 1e9

@@ -118,7 +118,7 @@ def child(folder: str) -> None:
     import resource
 
     sys.path.insert(0, REPO_ROOT)
-    from lumina_core.text_encoder import LlamaTextEncoder
+    from lumina_core.text.llama import LlamaTextEncoder
 
     def peak_bytes() -> int:
         # ru_maxrss is in KiB on Linux, in bytes on macOS.

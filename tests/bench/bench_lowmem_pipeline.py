@@ -40,9 +40,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from bench_flag_dit_load import write_random_checkpoint  # noqa: E402
-from bench_llama_load import FULL as LLAMA_FULL, write_checkpoint as write_llama_folder  # noqa: E402
+from bench_llama_load import FULL as LLAMA_FULL  # noqa: E402
+from bench_llama_load import write_checkpoint as write_llama_folder
+
 from lumina_core import FLAG_DIT_5B, FlagDiTConfig  # noqa: E402
 
 GB = 1e9
@@ -60,7 +61,7 @@ TARGETS = {
 LOAD_DIT = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from lumina_core.checkpoint import load_flag_dit
+from lumina_core.weights.dit_files import load_flag_dit
 start = time.perf_counter()
 model = load_flag_dit(sys.argv[2], dtype=torch.float8_e4m3fn)
 print(json.dumps({"load": time.perf_counter() - start,
@@ -70,7 +71,7 @@ print(json.dumps({"load": time.perf_counter() - start,
 LOAD_LLAMA = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from lumina_core.text_encoder import LlamaTextEncoder
+from lumina_core.text.llama import LlamaTextEncoder
 start = time.perf_counter()
 enc = LlamaTextEncoder.from_folder(sys.argv[2], dtype=torch.float8_e4m3fn)
 load = time.perf_counter() - start

@@ -25,15 +25,15 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from lumina_core.config import NEXT_DIT_2B, NEXT_DIT_2B_GQA, NextDiTConfig  # noqa: E402
-from lumina_core.next_dit import NextDiT  # noqa: E402
-from lumina_core.next_dit_checkpoint import original_to_diffusers  # noqa: E402
-from lumina_core.tensor_io import write_safetensors  # noqa: E402
+from lumina_core.models.config import NEXT_DIT_2B, NEXT_DIT_2B_GQA, NextDiTConfig  # noqa: E402
+from lumina_core.models.next_dit import NextDiT  # noqa: E402
+from lumina_core.weights.layouts import original_to_diffusers  # noqa: E402
+from lumina_core.weights.tensor_io import write_safetensors  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[3])
-from lumina_core.checkpoint import load_dit
+from lumina_core.families import load_dit
 start = time.perf_counter()
 model = load_dit(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 seconds = time.perf_counter() - start

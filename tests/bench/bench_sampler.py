@@ -51,8 +51,11 @@ from _common import (  # noqa: E402
     table,
 )
 
-from lumina_core.config import FLAG_DIT_5B  # noqa: E402
-from lumina_core.sampling import EVALS_PER_STEP, extrapolation_kwargs, make_noise, sample  # noqa: E402
+from lumina_core.generation import sample  # noqa: E402
+from lumina_core.models.config import FLAG_DIT_5B  # noqa: E402
+from lumina_core.models.flag_dit import extrapolation_kwargs  # noqa: E402
+from lumina_core.sampling.schedule import make_noise  # noqa: E402
+from lumina_core.sampling.solvers import EVALS_PER_STEP  # noqa: E402
 
 CFG = 4.0
 SHIFT = 4.0
@@ -205,17 +208,17 @@ def node_rows(comfyui_dir, latents, steps, repeats):
     pack = importlib.util.module_from_spec(spec)
     sys.modules["ComfyUI_Lumina"] = pack
     spec.loader.exec_module(pack)
-    from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS, comfy_glue
+    from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS, comfy_model
     from ComfyUI_Lumina.nodes.common import make_conditioning
 
-    from lumina_core.checkpoint import save_flag_dit
+    from lumina_core.weights.dit_files import save_flag_dit
 
     folder = tempfile.mkdtemp(prefix="lumina_bench_")
     path = Path(folder) / "small.safetensors"
     save_flag_dit(build_model(SMALL), path)
-    model = comfy_glue.load_flag_dit_model(str(path), "fp32")
+    model = comfy_model.load_flag_dit_model(str(path), "fp32")
     path.unlink()
-    dit = comfy_glue.lumina_dit(model)
+    dit = comfy_model.lumina_dit(model)
     timed = {"s": 0.0, "n": 0}
     forward = dit.forward_with_text
 

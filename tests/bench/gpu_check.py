@@ -36,10 +36,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lumina_core import FLAG_DIT_5B, FlagDiT, FlagDiTConfig  # noqa: E402
-from lumina_core.checkpoint import load_flag_dit  # noqa: E402
-from lumina_core.sampling import make_noise, sample  # noqa: E402
-from lumina_core.tensor_io import write_safetensors  # noqa: E402
-from lumina_core.text_encoder import LlamaTextEncoder  # noqa: E402
+from lumina_core.generation import sample  # noqa: E402
+from lumina_core.sampling.schedule import make_noise  # noqa: E402
+from lumina_core.text.llama import LlamaTextEncoder  # noqa: E402
+from lumina_core.weights.dit_files import load_flag_dit  # noqa: E402
+from lumina_core.weights.tensor_io import write_safetensors  # noqa: E402
 
 GB = 1e9
 PROMPT = "a fluffy mouse holding a watermelon, in a magical and colorful setting"
@@ -77,6 +78,7 @@ def write_dit(config: FlagDiTConfig, path: Path, device) -> None:
 
 def write_llama(shape: dict, folder: Path, device) -> None:
     from bench_llama_load import causal_lm_shapes
+
     from tests.helpers_llama import llama2_hf_config_json, make_tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,7 @@ def sdpa_backends(device, head_dim: int = 96, heads: int = 32, tokens: int = 416
 
 def gpu_vs_cpu(device) -> dict:
     """Max and relative difference between a small Flag-DiT's velocity in bf16 on `device` and in fp32 on the CPU."""
-    from lumina_core.model import init_random_weights
+    from lumina_core.models.blocks import init_random_weights
 
     config = FlagDiTConfig(dim=512, n_layers=4, n_heads=8, cap_feat_dim=512)
     model = init_random_weights(FlagDiT(config), seed=0).eval().requires_grad_(False)

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import REPO, seq_len, table  # noqa: E402
 
-from lumina_core.config import FLAG_DIT_5B, FlagDiTConfig  # noqa: E402
-from lumina_core.model import FlagDiT  # noqa: E402
+from lumina_core.models.config import FLAG_DIT_5B, FlagDiTConfig  # noqa: E402
+from lumina_core.models.flag_dit import FlagDiT  # noqa: E402
 
 GB = 1e9
 BF16 = 2
@@ -43,7 +43,7 @@ FP8 = 1
 CONTEXT = 0.5 * GB  # CUDA context, cuBLAS workspaces (assumed)
 SLACK = 0.10  # caching-allocator fragmentation on the activations (assumed)
 
-# LLaMA-2-7B as LlamaModel (what lumina_core.text_encoder loads).
+# LLaMA-2-7B as LlamaModel (what lumina_core.text.llama loads).
 LLAMA = dict(vocab=32000, hidden=4096, ffn=11008, layers=32)
 
 
@@ -73,9 +73,9 @@ BLOCK_CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-from lumina_core.config import FLAG_DIT_5B as cfg
-from lumina_core.model import TransformerBlock
-from lumina_core.layers import rope_cos_sin
+from lumina_core.models.config import FLAG_DIT_5B as cfg
+from lumina_core.models.flag_dit import TransformerBlock
+from lumina_core.models.layers import rope_cos_sin
 
 def rss():
     with open("/proc/self/statm") as f:

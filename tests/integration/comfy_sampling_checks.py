@@ -31,13 +31,16 @@ sys.modules["ComfyUI_Lumina"] = pack
 _spec.loader.exec_module(pack)
 
 from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS as N  # noqa: E402
-from ComfyUI_Lumina.nodes import comfy_glue  # noqa: E402
+from ComfyUI_Lumina.nodes import comfy_env, comfy_model  # noqa: E402
 from ComfyUI_Lumina.nodes.common import make_conditioning  # noqa: E402
-from lumina_core.latent import to_model_space, to_vae_space  # noqa: E402
-from lumina_core.sampling import make_noise, sample, solve, time_grid  # noqa: E402
+
+from lumina_core.generation import sample  # noqa: E402
+from lumina_core.image.latent import to_model_space, to_vae_space  # noqa: E402
+from lumina_core.sampling.schedule import make_noise, time_grid  # noqa: E402
+from lumina_core.sampling.solvers import solve  # noqa: E402
 from lumina_core.tiny import write_tiny_flag_dit  # noqa: E402
 
-assert comfy_glue.IN_COMFYUI
+assert comfy_env.IN_COMFYUI
 
 CAP = 32
 SEED = 5
@@ -49,8 +52,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tiny_model(out: Path):
     path = write_tiny_flag_dit(out / "tiny_dit.safetensors", 3, cap_feat_dim=CAP)
-    model = comfy_glue.load_flag_dit_model(str(path), "fp32")
-    return model, comfy_glue.lumina_dit(model)
+    model = comfy_model.load_flag_dit_model(str(path), "fp32")
+    return model, comfy_model.lumina_dit(model)
 
 
 def texts():
@@ -158,10 +161,11 @@ def check_parity(out: Path) -> dict:
 def check_patches(out: Path) -> dict:
     """A MODEL's sampler_cfg_function (RenormCFG, a recording one) and TorchCompileModel under KSampler and under the
     Lumina Sampler."""
-    import nodes as comfy_nodes  # ComfyUI's nodes.py (the pack was imported under its own package name)
     from comfy_extras.nodes_lumina2 import RenormCFG
     from comfy_extras.nodes_torch_compile import TorchCompileModel
     from torch._dynamo.utils import counters
+
+    import nodes as comfy_nodes  # ComfyUI's nodes.py (the pack was imported under its own package name)
 
     model, dit = tiny_model(out)
     _cond, _uncond, pos, neg = texts()

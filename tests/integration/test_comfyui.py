@@ -192,19 +192,19 @@ import sys, torch
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 sys.path.insert(0, sys.argv[1])
-from nodes import comfy_glue
-from lumina_core.checkpoint import load_flag_dit
-from lumina_core.sampling import extrapolation_kwargs
+from nodes import comfy_model
+from lumina_core.weights.dit_files import load_flag_dit
+from lumina_core.models.flag_dit import extrapolation_kwargs
 
 # Texts of different lengths batch by zero padding (mask False), never by repeating tokens.
-a = comfy_glue.LuminaTextCond(torch.ones(2, 3, 4))
-b = comfy_glue.LuminaTextCond(torch.full((2, 5, 4), 2.0))
+a = comfy_model.LuminaTextCond(torch.ones(2, 3, 4))
+b = comfy_model.LuminaTextCond(torch.full((2, 5, 4), 2.0))
 assert a.can_concat(b) and b.can_concat(a)
 cat = a.concat([b])
 assert cat.shape == (4, 5, 4) and cat[:2, 3:].abs().sum() == 0 and torch.equal(cat[:2, :3], a.cond)
 
 # ComfyUI's denoised = x - sigma * output must be the Lumina data estimate x + (1 - t) * v, t = 1 - sigma.
-patcher = comfy_glue.load_flag_dit_model(sys.argv[2], "fp32")
+patcher = comfy_model.load_flag_dit_model(sys.argv[2], "fp32")
 base = patcher.model
 plain = load_flag_dit(sys.argv[2], dtype=torch.float32)
 g = torch.Generator().manual_seed(0)

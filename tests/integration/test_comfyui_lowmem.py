@@ -195,19 +195,19 @@ args.cpu = True
 args.fp8_e4m3fn_unet = True
 args.fp8_e5m2_text_enc = True
 sys.path.insert(0, sys.argv[1])
-from nodes import comfy_glue
+from nodes import comfy_model, text_encoder_handle
 
-patcher = comfy_glue.load_flag_dit_model(sys.argv[2], "auto")
+patcher = comfy_model.load_flag_dit_model(sys.argv[2], "auto")
 dit = patcher.model.diffusion_model
 wq = dit.layers[0].attention.wq
 assert wq.weight.dtype == torch.float8_e4m3fn, wq.weight.dtype
 assert hasattr(wq, "comfy_cast_weights") and type(wq).__module__ == "comfy.ops", type(wq)
 assert dit.compute_dtype == torch.float32, dit.compute_dtype  # ComfyUI computes in fp32 on a CPU
-handle = comfy_glue.load_text_encoder(sys.argv[3], "auto")
+handle = text_encoder_handle.load_text_encoder(sys.argv[3], "auto")
 q = handle.encoder.model.layers[0].self_attn.q_proj
 assert q.weight.dtype == torch.float8_e5m2, q.weight.dtype
 assert hasattr(q, "comfy_cast_weights") and type(q).__module__ == "comfy.ops", type(q)
-feats, mask = comfy_glue.encode_text(handle, "a red cat")
+feats, mask = text_encoder_handle.encode_text(handle, "a red cat")
 assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
 out = dit(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), feats, mask)
 assert torch.isfinite(out).all()
@@ -218,8 +218,8 @@ print("FLAGS OK")
 def test_comfyui_fp8_flags_pick_fp8_and_comfy_casting_layers(server):
     import subprocess
 
-    from tests.integration.comfy_server import COMFYUI_DIR, COMFYUI_PYTHON
     from tests.helpers_nodes import REPO
+    from tests.integration.comfy_server import COMFYUI_DIR, COMFYUI_PYTHON
 
     models = server.base / "models"
     result = subprocess.run(

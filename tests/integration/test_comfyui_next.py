@@ -150,11 +150,11 @@ import sys, torch
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 sys.path.insert(0, sys.argv[1])
-from nodes import comfy_glue
+from nodes import comfy_model
 from lumina_core.families import LUMINA_NEXT
-from lumina_core.next_dit_checkpoint import load_next_dit
+from lumina_core.weights.dit_files import load_next_dit
 
-patcher = comfy_glue.load_dit_model(sys.argv[2], "fp32")
+patcher = comfy_model.load_dit_model(sys.argv[2], "fp32")
 base = patcher.model
 plain = load_next_dit(sys.argv[2], dtype=torch.float32)
 assert type(base.diffusion_model).__name__ == "ComfyNextDiT"

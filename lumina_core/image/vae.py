@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..weights.tensor_io import WeightsFileError, open_tensor_file
 from .latent import LATENT_CHANNELS
-from .tensor_io import WeightsFileError, open_tensor_file
 
 logger = logging.getLogger(__name__)
 

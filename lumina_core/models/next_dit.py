@@ -2,10 +2,10 @@
 
 Follows `lumina_next_t2i/models/model.py` of Alpha-VLLM/Lumina-T2X (commit 1c60696; SPEC.md §8) without fairscale
 or flash-attn. Parameter names equal the original checkpoint's keys (`load_state_dict(strict=True)`); the diffusers
-layout is mapped onto them by `lumina_core.next_dit_checkpoint`. Time convention as everywhere in this package:
+layout is mapped onto them by `lumina_core.weights.layouts`. Time convention as everywhere in this package:
 t = 0 is noise, t = 1 is data; the model predicts the velocity data - noise.
 
-What it shares with the Flag-DiT (`lumina_core.model`): the attention module (q/k LayerNorm over all heads, RoPE'd
+What it shares with the Flag-DiT (`lumina_core.models.blocks`): the attention module (q/k LayerNorm over all heads, RoPE'd
 queries that also attend to the gated caption keys, grouped-query heads), the SwiGLU feed-forward, the timestep
 embedder and the once-per-generation text context.
 """
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NextDiTConfig
-from .layers import FP32LayerNorm, RMSNorm, proportional_attention_scale, rope_2d_cos_sin
-from .model import Attention, FeedForward, TextConditionedDiT, TextContext, TimestepEmbedder
+from .blocks import Attention, FeedForward, TextConditionedDiT, TextContext
+from .config import TRAINED_SIDE, TRAINED_SIZE, NextDiTConfig
+from .layers import RMSNorm, from_patches, proportional_attention_scale, rope_2d_cos_sin, to_patches
 
 
 def time_aware_rope_factors(t: float, scale_factor: float, scale_watershed: float) -> tuple[float, float]:
@@ -97,21 +97,13 @@ class NextDiT(TextConditionedDiT):
         if operations is None:
             operations = nn
         self.config = cfg = config
-        self.x_embedder = operations.Linear(
-            cfg.patch_size**2 * cfg.in_channels, cfg.dim, bias=True, device=device, dtype=dtype
-        )
-        self.t_embedder = TimestepEmbedder(cfg.adaln_dim, operations, device, dtype)
-        self.cap_embedder = nn.Sequential(
-            FP32LayerNorm(cfg.cap_feat_dim, device=device, dtype=dtype),
-            operations.Linear(cfg.cap_feat_dim, cfg.adaln_dim, bias=True, device=device, dtype=dtype),
-        )
+        self.build_embedders(cfg, operations, device, dtype)
         self.layers = nn.ModuleList([NextDiTBlock(cfg, operations, device, dtype) for _ in range(cfg.n_layers)])
         self.final_layer = NextFinalLayer(cfg, operations, device, dtype)
         # Pads images of different sizes in one training batch; a same-size batch never uses it.
         self.pad_token = nn.Parameter(torch.empty(cfg.dim, device=device, dtype=dtype))
         if self.pad_token.device.type != "meta":
             nn.init.normal_(self.pad_token, std=0.02)
-        self.compute_dtype: Optional[torch.dtype] = None
 
     def rope(self, rows, cols, *, ntk_factor=1.0, linear_factor=1.0, device=None, cache=None):
         key = (rows, cols, float(ntk_factor), float(linear_factor), str(device))
@@ -132,17 +124,12 @@ class NextDiT(TextConditionedDiT):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, (H/p)*(W/p), dim]; each patch vector ordered (C, pH, pW), rows first."""
-        p = self.config.patch_size
-        b, c, h, w = x.shape
-        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(3)
-        return self.x_embedder(x).flatten(1, 2)
+        return self.x_embedder(to_patches(x, self.config.patch_size)).flatten(1, 2)
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Tokens [B, L, p*p*out] ordered (pH, pW, C) -> [B, out, H, W]."""
         p = self.config.patch_size
-        b = x.shape[0]
-        x = x.view(b, h // p, w // p, p, p, self.config.out_channels)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, self.config.out_channels, h, w)
+        return from_patches(x.view(x.shape[0], h // p, w // p, -1), p, self.config.out_channels)
 
     def forward(
         self,
@@ -201,8 +188,28 @@ class NextDiT(TextConditionedDiT):
             softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
 
         tokens = self.patchify(x.to(dtype))
-        c_vec = self.t_embedder(t, dtype) + text.cap_emb.to(dtype)
-        for layer, (text_k, text_v) in zip(self.layers, text.text_kv):
-            tokens = layer(tokens, c_vec, cos, sin, softmax_scale, text_k, text_v, text.text_mask)
-        out = self.unpatchify(self.final_layer(tokens, c_vec), h, w)
+        out = self.unpatchify(self.run_layers(tokens, t, text, cos, sin, softmax_scale, dtype), h, w)
         return out[:, : cfg.in_channels].to(out_dtype)
+
+
+def next_dit_extrapolation_kwargs(mode: str, latent_h: int, latent_w: int, t: float, watershed: float) -> dict:
+    """Keywords of NextDiT.forward for an image of latent size (latent_h, latent_w), as the Lumina-Next demo sets them.
+
+    "time_aware" (its default): proportional attention with base_seqlen (1024/16)^2 = 4096 image tokens, and, only
+    for images larger than the trained 1024x1024 area, scale_factor = sqrt(W*H)/1024 with the given watershed (the
+    model switches from linear to NTK RoPE scaling there). "t2i": the same scale as NTK at every step, as Lumina-T2I
+    scales (no time-aware switch). "off": the plain model. t is unused: the Next-DiT reads it itself.
+    """
+    if mode == "off":
+        return {}
+    area_scale = math.sqrt(latent_h * 8 * latent_w * 8) / TRAINED_SIZE
+    kwargs = {"proportional_attn": True, "base_seqlen": TRAINED_SIDE * TRAINED_SIDE}
+    if area_scale <= 1.0:
+        return kwargs
+    if mode == "time_aware":
+        kwargs.update(scale_factor=area_scale, scale_watershed=watershed)
+    elif mode == "t2i":
+        kwargs.update(scale_factor=area_scale, scale_watershed=0.0)
+    else:
+        raise ValueError(f"unknown extrapolation {mode!r}; choose one of t2i, time_aware, off")
+    return kwargs

@@ -14,35 +14,30 @@ add_eos_token false, and the `add_eos=True` that sample.py passes is not a Gemma
 cross-attention. BOS, no EOS and right padding are applied here, not left to tokenizer flags, because transformers
 5's GemmaTokenizer takes them from the folder's files and pads on the left by default.
 
-Loading shares lumina_core.text_encoder's machinery (meta-device model, one tensor at a time in the target dtype,
+Loading is `hf_folder`'s (meta-device model, one tensor at a time in the target dtype,
 positioned safetensors reads, `weights_only` pickles, clear errors for LFS pointers, truncated files, missing
 shards). Only the GemmaModel is read: the released GemmaForCausalLM ties lm_head to the embedding.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoTokenizer, GemmaConfig, GemmaModel
+from transformers import GemmaConfig, GemmaModel
 
-from .text_encoder import (
+from .hf_folder import (
     HFTextEncoder,
-    TextEncoderError,
-    _as_prompt_list,
-    _check_folder,
-    _check_tokenizer_files,
-    _find_weight_files,
-    _rebuild_rotary_buffers,
-    load_hf_weights,
-    log_loaded,
-    read_hf_config,
-    storage_plan,
+    as_prompt_list,
+    check_tokenizer_files,
+    load_tokenizer,
+    model_type_of,
+    read_config_json,
+    rebuild_rotary_buffers,
 )
+from .hf_weights import TextEncoderError
 
 logger = logging.getLogger(__name__)
 
@@ -85,29 +80,8 @@ def is_gemma_folder(path) -> bool:
     model_type "gemma" only: Gemma-2 ("gemma2") and Gemma-3 are other models. Never raises: an unreadable or
     missing config.json is simply not a Gemma folder.
     """
-    raw = _read_config(os.fspath(path))
-    return raw is not None and _model_type(raw) == "gemma"
-
-
-def _read_config(folder: str) -> dict | None:
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
-def _model_type(raw: dict) -> str:
-    """config.json's model_type, or one inferred from `architectures` when a hand-written config lacks it."""
-    model_type = str(raw.get("model_type") or "").lower()
-    if model_type:
-        return model_type
-    architectures = [str(a) for a in raw.get("architectures") or []]
-    for prefix, name in (("Gemma3", "gemma3"), ("Gemma2", "gemma2"), ("Gemma", "gemma"), ("Llama", "llama")):
-        if any(a.startswith(prefix) for a in architectures):
-            return name
-    return ""
+    raw = read_config_json(os.fspath(path))
+    return raw is not None and model_type_of(raw) == "gemma"
 
 
 def _check_gemma_config(folder: str) -> None:
@@ -121,13 +95,13 @@ def _check_gemma_config(folder: str) -> None:
                 f"{os.path.join(folder, 'text_encoder')}. "
             )
         raise TextEncoderError(f"No config.json in {folder}. {hint}{_GET_GEMMA}")
-    raw = _read_config(folder)
+    raw = read_config_json(folder)
     if raw is None:
         raise TextEncoderError(
             f"Could not read {config_path} as a Hugging Face model config (a JSON object). Re-download it from "
             f"{GEMMA_2B}."
         )
-    model_type = _model_type(raw)
+    model_type = model_type_of(raw)
     if model_type != "gemma":
         what = f"model_type {raw.get('model_type')!r}" if raw.get("model_type") else "no model_type"
         if raw.get("architectures"):
@@ -153,29 +127,8 @@ def _tokenizer_folder(folder: str) -> str:
     if os.path.isfile(os.path.join(parent, "model_index.json")) and _has_tokenizer(sibling):
         logger.info("Using the tokenizer of the diffusers pipeline folder %s for %s", sibling, folder)
         return sibling
-    _check_tokenizer_files(folder, GEMMA_2B)  # raises, naming the folder and what to put there
+    check_tokenizer_files(folder, GEMMA_2B)  # raises, naming the folder and what to put there
     return folder
-
-
-def _load_tokenizer(folder: str):
-    try:
-        # add_bos_token/add_eos_token and right padding mirror the original for callers that use the tokenizer
-        # directly; GemmaTextEncoder.tokenize lays the ids out itself and does not depend on them.
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, add_bos_token=True, add_eos_token=False, local_files_only=True
-        )
-    except Exception as err:  # transformers raises many kinds here; all mean the same to the user
-        raise TextEncoderError(
-            f"Could not load the tokenizer in {folder}: {err}. Copy the tokenizer files published with the model "
-            f"({GEMMA_2B}: tokenizer.json, tokenizer_config.json, special_tokens_map.json) into this folder."
-        ) from err
-    if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
-        raise TextEncoderError(
-            f"The tokenizer in {folder} defines no BOS or no padding token (bos={tokenizer.bos_token!r}, "
-            f"pad={tokenizer.pad_token!r}), so it is not Gemma's tokenizer. {_GET_GEMMA}"
-        )
-    tokenizer.padding_side = "right"
-    return tokenizer
 
 
 class GemmaTextEncoder(HFTextEncoder):
@@ -184,47 +137,50 @@ class GemmaTextEncoder(HFTextEncoder):
 
     family = "lumina_next"
 
-    @classmethod
-    def from_folder(
-        cls,
-        path,
-        *,
-        dtype: torch.dtype = torch.bfloat16,
-        device="cpu",
-        compute_dtype: torch.dtype | None = None,
-        linear_cls=None,
-    ) -> GemmaTextEncoder:
-        """Load a Hugging Face Gemma folder (GemmaModel or GemmaForCausalLM weights) as published. Never downloads.
+    title = "Gemma"
+    source = GEMMA_2B
+    get_hint = _GET_GEMMA
 
-        path: a copy of google/gemma-2b, or the `text_encoder` folder of a diffusers pipeline (its tokenizer is then
-        read from the sibling `tokenizer` folder).
-        dtype, compute_dtype, linear_cls: as for `LlamaTextEncoder.from_folder` (fp8 keeps the linear weights in
-        fp8 and computes in compute_dtype).
-        """
-        device, _fp8, compute_dtype = storage_plan(dtype, device, compute_dtype)
-        start = time.perf_counter()
-        folder = os.fspath(path)
-        _check_folder(folder, _GET_GEMMA)
+    @classmethod
+    def config_class(cls):
+        return GemmaConfig
+
+    @classmethod
+    def model_class(cls):
+        return GemmaModel
+
+    @classmethod
+    def check_config(cls, folder: str) -> None:
         _check_gemma_config(folder)
-        tokenizer_folder = _tokenizer_folder(folder)
-        files = _find_weight_files(folder, GEMMA_2B)
-        tokenizer = _load_tokenizer(tokenizer_folder)
-        config = read_hf_config(GemmaConfig, folder, tokenizer, _GET_GEMMA)
+
+    @classmethod
+    def tokenizer_folder(cls, folder: str) -> str:
+        """The folder itself (google/gemma-2b), or, for the `text_encoder` folder of a diffusers pipeline
+        (Alpha-VLLM/Lumina-Next-SFT-diffusers), its sibling `tokenizer` folder."""
+        return _tokenizer_folder(folder)
+
+    @classmethod
+    def load_tokenizer(cls, folder: str):
+        # add_bos_token/add_eos_token and right padding mirror the original for callers that use the tokenizer
+        # directly; tokenize() lays the ids out itself and does not depend on them.
+        return load_tokenizer(
+            folder, title="Gemma", get_hint=_GET_GEMMA, needed=("bos", "pad"), add_bos_token=True,
+            add_eos_token=False,
+            files=f"{GEMMA_2B}: tokenizer.json, tokenizer_config.json, special_tokens_map.json",
+        )
+
+    @classmethod
+    def check_model_config(cls, config, folder: str) -> None:
         if config.num_hidden_layers < 2:
             raise TextEncoderError(
                 f"config.json in {folder} declares {config.num_hidden_layers} decoder layer(s); Lumina-Next reads "
                 f"the second-to-last layer's output, so at least 2 are needed. {_GET_GEMMA}"
             )
-        model = load_hf_weights(GemmaModel, config, folder, files, dtype=dtype, compute_dtype=compute_dtype,
-                                linear_cls=linear_cls, device=device, source=GEMMA_2B)
-        _rebuild_embed_scale(model, device)
-        _rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
-        model.eval().requires_grad_(False)
 
-        encoder = cls(model, tokenizer, folder)
-        encoder.storage_dtype = dtype
-        log_loaded("Gemma", encoder, dtype, compute_dtype, device, start)
-        return encoder
+    @classmethod
+    def rebuild_buffers(cls, model, device: torch.device) -> None:
+        _rebuild_embed_scale(model, device)
+        rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
 
     def tokenize(self, prompts: str | Sequence[str], *, max_tokens: int | None = None):
         """Token ids [B, L] (int64, right padded with <pad>) and mask [B, L] (bool, True on real tokens).
@@ -234,7 +190,7 @@ class GemmaTextEncoder(HFTextEncoder):
         longest row rounded up to a multiple of 8. All prompts of one call share L, as the original's
         [prompt, negative] call does.
         """
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         limit = MAX_TOKENS if max_tokens is None else max_tokens
         if limit < PAD_TO_MULTIPLE_OF or limit % PAD_TO_MULTIPLE_OF:
             # The original's tokenizer refuses a max_length that padding to a multiple of 8 would exceed.

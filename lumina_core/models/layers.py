@@ -1,4 +1,5 @@
-"""Stateless maths and the two small norm layers of the Flag-DiT.
+"""Stateless maths and the two small norm layers of the Lumina DiTs: norms, modulation, timestep embedding, the RoPE
+variants (1-D, 2-D), patches, and the default attention kernel.
 
 Follows Lumina-T2I (`lumina_t2i/models/model.py`, `components.py`): the original runs in bf16 under autocast, where
 LayerNorm and RoPE are computed in fp32 and RMSNorm normalises in fp32 before casting back. The norms here do the
@@ -38,6 +39,25 @@ class FP32LayerNorm(nn.Module):
         w = self.weight.to(device=x.device, dtype=torch.float32)
         b = self.bias.to(device=x.device, dtype=torch.float32)
         return F.layer_norm(x.float(), w.shape, w, b, self.eps)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, scale=None) -> torch.Tensor:
+    """The default attention kernel: q [B, H, Lq, D], k and v [B, H, Lk, D], mask broadcastable to [B, H, Lq, Lk]
+    (bool, True = attend), scale None = 1/sqrt(D)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/p, W/p, C*p*p], each patch vector ordered (C, pH, pW) (Lumina-T2I and -Next)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(3)
+
+
+def from_patches(x: torch.Tensor, p: int, channels: int) -> torch.Tensor:
+    """[B, H/p, W/p, p*p*C] ordered (pH, pW, C) -> [B, C, H, W]."""
+    b, rows, cols = x.shape[:3]
+    x = x.reshape(b, rows, cols, p, p, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, rows * p, cols * p)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

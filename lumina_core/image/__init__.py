@@ -1,0 +1,1 @@
+"""Latent conventions and VAE decoding outside ComfyUI."""

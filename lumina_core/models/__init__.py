@@ -1,0 +1,1 @@
+"""The Lumina DiTs as PyTorch modules: configurations, stateless maths, the shared parts, one file per DiT."""

@@ -1,0 +1,56 @@
+"""Time grids and noise.
+
+Time convention, used everywhere in this package: t = 0 is pure noise, t = 1 is data, x_t = t*data + (1-t)*noise,
+and the model predicts the velocity v = data - noise; sampling integrates dx/dt = v from t0 to 1. ComfyUI's
+sigma = 1 - t; the conversion lives in `sigmas_from_time_grid` here and in `nodes/flow_model.py` only.
+
+Follows `lumina_t2i/transport` and `demo.py` of Alpha-VLLM/Lumina-T2X (the shifted grid) and
+`lumina_next_t2i_mini/transport.py` (img2img strength), with `steps` counting solver steps as in ComfyUI (the
+originals count grid points: their 30 is 29 steps here).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def time_grid(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
+    """Float32 grid of t from t0 to 1: t_i = i/steps, time-shifted t' = t / (t + s - s*t).
+
+    With denoise < 1 only the last part is kept, as the original img2img does: it drops the first
+    int(points * (1 - denoise)) of its `points` = steps + 1 grid points (at least one point stays, t = 1, which
+    means nothing left to do). The result has steps' + 1 points with steps' <= steps.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be between 0 and 1, got {denoise!r}")
+    t = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
+    t = t / (t + shift - shift * t)
+    if denoise < 1.0:
+        t = t[min(steps, int((steps + 1) * (1 - denoise))):]
+    return t
+
+
+def sigmas_from_time_grid(t: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's SIGMAS for a Lumina time grid: sigma = 1 - t (1 = noise, 0 = data)."""
+    return (1.0 - t).to(torch.float32)
+
+
+def make_noise(seed: int, shape: Sequence[int], batch_index: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Gaussian noise in float32 on the CPU, the convention of ComfyUI's KSampler: one CPU generator seeded with
+    `seed` fills the whole batch, so image i has the same noise whatever the batch size.
+
+    batch_index (ComfyUI's LATENT "batch_index"): image j gets the noise of position batch_index[j] in such a batch.
+    """
+    shape = tuple(int(s) for s in shape)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    if batch_index is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    count = max(batch_index) + 1
+    per_image = [torch.randn((1,) + shape[1:], generator=generator, dtype=torch.float32) for _ in range(count)]
+    return torch.cat([per_image[i] for i in batch_index], dim=0)

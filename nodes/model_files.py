@@ -1,0 +1,186 @@
+"""Model folders and file lists: where the loaders find DiT files and text-encoder folders, and where saved prompt
+encodings are written and found (ComfyUI's folder_paths inside ComfyUI; outside it, folders set with
+`set_model_folders`, default `$LUMINA_MODELS_DIR/<kind>`, else `./models/<kind>`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable
+
+from lumina_core import families
+from lumina_core.conditioning import is_conditioning_file
+
+from .comfy_env import IN_COMFYUI, folder_paths
+
+DIFFUSION_MODELS = "diffusion_models"
+TEXT_ENCODERS = "text_encoders"
+CHECKPOINT_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+_LLAMA_SEARCH_DEPTH = 3
+
+
+_plain_folders: dict[str, list[str]] = {}
+
+
+def set_model_folders(kind: str, paths) -> None:
+    """Outside ComfyUI: the folders searched for `kind` ("diffusion_models" or "text_encoders")."""
+    _plain_folders[kind] = [os.fspath(p) for p in paths]
+
+
+def model_folders(kind: str) -> list[str]:
+    if IN_COMFYUI:
+        return folder_paths.get_folder_paths(kind)
+    if kind in _plain_folders:
+        return list(_plain_folders[kind])
+    return [os.path.join(os.environ.get("LUMINA_MODELS_DIR", "models"), kind)]
+
+
+def diffusion_model_names() -> list[str]:
+    if IN_COMFYUI:
+        return folder_paths.get_filename_list(DIFFUSION_MODELS)
+    names = set()
+    for root in model_folders(DIFFUSION_MODELS):
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith(CHECKPOINT_EXTENSIONS):
+                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def diffusion_model_path(name: str) -> str:
+    if IN_COMFYUI:
+        return folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, name)
+    for root in model_folders(DIFFUSION_MODELS):
+        path = os.path.join(root, _safe_relative(name))
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"Flag-DiT checkpoint {name!r} not found in {model_folders(DIFFUSION_MODELS)}")
+
+
+def _safe_relative(name: str) -> str:
+    """A relative path that cannot climb out of its model folder."""
+    return os.path.relpath(os.path.join(os.sep, name), os.sep)
+
+
+def _is_llama_folder(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    model_type = str(config.get("model_type", "")).lower()
+    architectures = [str(a) for a in config.get("architectures") or []]
+    return model_type == "llama" or (not model_type and any(a.startswith("Llama") for a in architectures))
+
+
+def llama_folder_names() -> list[str]:
+    """Folders (relative to a text_encoders model folder, "/"-separated) holding a LLaMA config.json."""
+    return _text_encoder_folders(_is_llama_folder)
+
+
+def text_encoder_folder_names() -> list[str]:
+    """Folders under the text_encoders model folders holding the config.json of any Lumina family's text encoder."""
+    return _text_encoder_folders(families.is_text_encoder_folder)
+
+
+def text_encoder_folder_path(name: str) -> str:
+    roots = model_folders(TEXT_ENCODERS)
+    for root in roots:
+        path = os.path.join(root, _safe_relative(name))
+        if os.path.isdir(path):
+            return path
+    wanted = " or ".join(f.text_encoder_source for f in families.FAMILIES.values())
+    raise FileNotFoundError(f"Text encoder folder {name!r} not found in {roots}: put {wanted} there.")
+
+
+def _text_encoder_folders(accept: Callable[[str], bool]) -> list[str]:
+    names = set()
+    for root in model_folders(TEXT_ENCODERS):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirs, _files in os.walk(root, followlinks=True):
+            depth = os.path.relpath(dirpath, root).count(os.sep) + 1
+            if depth >= _LLAMA_SEARCH_DEPTH:
+                dirs[:] = []
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            if dirpath != root and accept(dirpath):
+                names.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def llama_folder_path(name: str) -> str:
+    roots = model_folders(TEXT_ENCODERS)
+    for root in roots:
+        path = os.path.join(root, _safe_relative(name))
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(
+        f"LLaMA folder {name!r} not found in {roots}: put the whole Hugging Face folder of LLaMA-2-7B "
+        f"(meta-llama/Llama-2-7b-hf) there."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saved conditioning files (Lumina Save / Load Conditioning)
+
+CONDITIONING_SUFFIX = ".safetensors"
+_OUTPUT_TAG = " [output]"
+
+
+def output_directory() -> str:
+    if IN_COMFYUI:
+        return folder_paths.get_output_directory()
+    return os.environ.get("LUMINA_OUTPUT_DIR", "output")
+
+
+def input_directory() -> str:
+    if IN_COMFYUI:
+        return folder_paths.get_input_directory()
+    return os.environ.get("LUMINA_INPUT_DIR", "input")
+
+
+def conditioning_save_path(prefix: str) -> tuple[str, str]:
+    """(full path, name relative to the output folder) of the next `<prefix>_NNNNN_.safetensors`."""
+    out = output_directory()
+    if IN_COMFYUI:
+        folder, base, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out)
+    else:
+        subfolder, base = os.path.split(_safe_relative(prefix))
+        folder = os.path.join(out, subfolder)
+        os.makedirs(folder, exist_ok=True)
+        taken = [int(m.group(1)) for f in os.listdir(folder)
+                 if (m := re.fullmatch(re.escape(base) + r"_(\d+)_\.safetensors", f))]
+        counter = max(taken, default=0) + 1
+    os.makedirs(folder, exist_ok=True)
+    name = f"{base}_{counter:05}_{CONDITIONING_SUFFIX}"
+    return os.path.join(folder, name), "/".join(p for p in (subfolder, name) if p)
+
+
+def conditioning_file_names() -> list[str]:
+    """Loadable encodings: every .safetensors at the top of the input folder (uploads), and the saved Lumina
+    conditionings anywhere under the output folder, tagged " [output]" as ComfyUI's annotated names are."""
+    names = []
+    inp = input_directory()
+    if os.path.isdir(inp):
+        names += sorted(f for f in os.listdir(inp)
+                        if f.endswith(CONDITIONING_SUFFIX) and os.path.isfile(os.path.join(inp, f)))
+    out = output_directory()
+    found = []
+    for dirpath, _dirs, files in os.walk(out):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            if f.endswith(CONDITIONING_SUFFIX) and is_conditioning_file(path):
+                found.append(os.path.relpath(path, out).replace(os.sep, "/") + _OUTPUT_TAG)
+    return names + sorted(found)
+
+
+def conditioning_file_path(name: str) -> str:
+    if IN_COMFYUI:
+        return folder_paths.get_annotated_filepath(name)
+    if name.endswith(_OUTPUT_TAG):
+        return os.path.join(output_directory(), _safe_relative(name[: -len(_OUTPUT_TAG)]))
+    return os.path.join(input_directory(), _safe_relative(name))
+
