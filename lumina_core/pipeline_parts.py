@@ -1,0 +1,135 @@
+"""The small parts of the script pipelines: the output type, the input checks, and the wrapper that lets a compiled
+transformer run with the text prepared once per generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .models.flag_dit import FlagDiT
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+PIXEL_MULTIPLE = 16  # VAE factor 8 x patch size 2
+MIN_SIZE = 32
+VAE_FACTOR = 8
+
+
+@dataclass
+class LuminaT2IPipelineOutput:
+    """images: PIL images ("pil"), a float tensor [B, 3, H, W] in [0, 1] ("pt"), or raw SDXL-VAE latents
+    [B, 4, H/8, W/8] ("latent", what VAE decode and ComfyUI's LATENT take)."""
+
+    images: Union[list, torch.Tensor]
+
+
+class _TextPreparedCall:
+    """What `sample()` drives each step: the text work once through the bare model, and each step through the
+    transformer's own call with the prepared text. A `torch.compile`d module forwards attribute look-ups such as
+    `forward_with_text` to the eager model, so calling those directly would skip the compiled code; its `__call__`
+    is the compiled one."""
+
+    def __init__(self, transformer):
+        self.call = transformer
+        self.model = unwrap(transformer)
+
+    def prepare_text(self, cap_feats, cap_mask):
+        return self.model.prepare_text(cap_feats, cap_mask)
+
+    def forward_with_text(self, x, t, text, **kwargs):
+        return self.call(x, t, text=text, **kwargs)
+
+
+def unwrap(transformer) -> FlagDiT:
+    """The FlagDiT under a torch.compile wrapper (OptimizedModule keeps it as `_orig_mod`), or the model itself."""
+    model = getattr(transformer, "_orig_mod", transformer)
+    if not isinstance(model, FlagDiT):
+        raise TypeError(
+            f"pipe.transformer is a {type(model).__name__}, expected a Lumina-T2I FlagDiT (or torch.compile of one)"
+        )
+    return model
+
+
+def size_error(width, height) -> Optional[str]:
+    """None for a valid image size, else a message with the nearest valid sizes."""
+    problems = []
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{name} {value!r} is not an int")
+        elif value < MIN_SIZE:
+            problems.append(f"{name} {value} is below the minimum {MIN_SIZE}")
+        elif value % PIXEL_MULTIPLE:
+            low = max(PIXEL_MULTIPLE, value // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+            problems.append(f"{name} {value} is not a multiple of {PIXEL_MULTIPLE} (use {low} or {low + PIXEL_MULTIPLE})")
+    if not problems:
+        return None
+    return "Lumina-T2I image sizes must be multiples of 16 pixels, at least 32: " + "; ".join(problems)
+
+
+def _as_list(value, name: str) -> list:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def _check_embeds(embeds, mask, which: str, cap_feat_dim: int):
+    mask_name = which.replace("embeds", "attention_mask")
+    if mask is None:
+        raise ValueError(
+            f"{which} given without {mask_name}: pass the mask that came with the embeddings (pipe.encode_prompt "
+            f"returns both); padding tokens must not be read as text"
+        )
+    if not torch.is_tensor(embeds) or embeds.ndim != 3:
+        shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+        raise ValueError(f"{which} must be a tensor [batch, tokens, {cap_feat_dim}], got {shape}")
+    if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(embeds.shape[:2]):
+        shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"{mask_name} has shape {shape} but {which} has shape {tuple(embeds.shape)}: they must "
+                         f"match in batch and tokens ({tuple(embeds.shape[:2])})")
+    if embeds.shape[-1] != cap_feat_dim:
+        raise ValueError(f"{which} are {embeds.shape[-1]}-wide; this Flag-DiT expects {cap_feat_dim}-wide LLaMA "
+                         f"features (its cap_feat_dim)")
+    if not bool(mask.bool().any(dim=1).all()):
+        raise ValueError(f"{mask_name} has a row without any real token (BOS and EOS count)")
+    return embeds.float(), mask.bool()
+
+
+def text_inputs(pipe, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                negative_prompt_attention_mask, guided: bool, per_prompt: int, cap: int):
+    """(features, mask, negative features, negative mask) of a pipeline call, from prompts or embeddings."""
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("give either prompt or prompt_embeds, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("give a prompt (or a list of prompts), or prompt_embeds with prompt_attention_mask")
+    if prompt is not None:
+        prompts = _as_list(prompt, "prompt")
+        if negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt_embeds need prompt_embeds: pass both, or text prompts only")
+        feats, mask, nf, nm = pipe.encode_prompt(prompts, negative_prompt, do_classifier_free_guidance=guided,
+                                                 num_images_per_prompt=per_prompt)
+        return feats, mask, nf, nm
+    feats, mask = _check_embeds(prompt_embeds, prompt_attention_mask, "prompt_embeds", cap)
+    feats, mask = feats.repeat_interleave(per_prompt, 0), mask.repeat_interleave(per_prompt, 0)
+    if not guided:
+        return feats, mask, None, None
+    if negative_prompt_embeds is None:
+        if negative_prompt_attention_mask is not None:
+            raise ValueError("negative_prompt_attention_mask given without negative_prompt_embeds")
+        negatives = _as_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negatives) not in (1, prompt_embeds.shape[0]):
+            raise ValueError(f"{len(negatives)} negative prompts for {prompt_embeds.shape[0]} prompt embeddings: "
+                             f"give one negative prompt, or one per embedding")
+        nf, nm = pipe._encode(negatives)
+        if nf.shape[0] != 1:
+            nf, nm = nf.repeat_interleave(per_prompt, 0), nm.repeat_interleave(per_prompt, 0)
+        return feats, mask, nf, nm
+    nf, nm = _check_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt_embeds", cap)
+    if nf.shape[0] not in (1, prompt_embeds.shape[0]):
+        raise ValueError(f"negative_prompt_embeds have batch {nf.shape[0]} for {prompt_embeds.shape[0]} prompt "
+                         f"embeddings: give 1 or {prompt_embeds.shape[0]}")
+    if nf.shape[0] != 1:
+        nf, nm = nf.repeat_interleave(per_prompt, 0), nm.repeat_interleave(per_prompt, 0)
+    return feats, mask, nf, nm
