@@ -33,6 +33,15 @@ class TextContext:
     rope_cache: dict = field(default_factory=dict)  # (seq_len, ntk, scaling, device) -> (cos, sin)
 
 
+def cached(cache: Optional[dict], key, compute: Callable):
+    """cache[key], computed on first use (no cache: computed every time)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DiTConfig, operations=nn, device=None, dtype=None):
         super().__init__()

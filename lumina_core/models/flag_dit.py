@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Attention, FeedForward, TextConditionedDiT, TextContext
+from .blocks import Attention, FeedForward, TextConditionedDiT, TextContext, cached
 from .config import PATCH, TRAINED_SIDE, TRAINED_SIZE, VAE_FACTOR, FlagDiTConfig
 from .layers import (
     RMSNorm,
@@ -129,19 +129,10 @@ class FlagDiT(TextConditionedDiT):
     def rope(self, seq_len, *, ntk_factor=1.0, rope_scaling_factor=None, device=None, cache=None):
         scaling = self.config.rope_scaling_factor if rope_scaling_factor is None else rope_scaling_factor
         key = (seq_len, float(ntk_factor), float(scaling), str(device))
-        if cache is not None and key in cache:
-            return cache[key]
-        cos_sin = rope_cos_sin(
-            seq_len,
-            self.config.head_dim,
-            theta=self.config.rope_theta,
-            ntk_factor=ntk_factor,
-            scaling_factor=scaling,
-            device=device,
-        )
-        if cache is not None:
-            cache[key] = cos_sin
-        return cos_sin
+        return cached(cache, key, lambda: rope_cos_sin(
+            seq_len, self.config.head_dim, theta=self.config.rope_theta, ntk_factor=ntk_factor,
+            scaling_factor=scaling, device=device,
+        ))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, (H/p)*(W/p + 1), dim]: patches ordered (C, pH, pW), an eol token per row."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Attention, FeedForward, TextConditionedDiT, TextContext
+from .blocks import Attention, FeedForward, TextConditionedDiT, TextContext, cached
 from .config import TRAINED_SIDE, TRAINED_SIZE, NextDiTConfig
 from .layers import RMSNorm, from_patches, proportional_attention_scale, rope_2d_cos_sin, to_patches
 
@@ -107,20 +107,10 @@ class NextDiT(TextConditionedDiT):
 
     def rope(self, rows, cols, *, ntk_factor=1.0, linear_factor=1.0, device=None, cache=None):
         key = (rows, cols, float(ntk_factor), float(linear_factor), str(device))
-        if cache is not None and key in cache:
-            return cache[key]
-        cos_sin = rope_2d_cos_sin(
-            rows,
-            cols,
-            self.config.head_dim,
-            theta=self.config.rope_theta,
-            ntk_factor=ntk_factor,
-            linear_factor=linear_factor,
-            device=device,
-        )
-        if cache is not None:
-            cache[key] = cos_sin
-        return cos_sin
+        return cached(cache, key, lambda: rope_2d_cos_sin(
+            rows, cols, self.config.head_dim, theta=self.config.rope_theta, ntk_factor=ntk_factor,
+            linear_factor=linear_factor, device=device,
+        ))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, (H/p)*(W/p), dim]; each patch vector ordered (C, pH, pW), rows first."""
