@@ -36,6 +36,7 @@ from .hf_folder import (
     model_type_of,
     read_config_json,
     rebuild_rotary_buffers,
+    right_padded,
 )
 from .hf_weights import TextEncoderError
 
@@ -216,12 +217,7 @@ class GemmaTextEncoder(HFTextEncoder):
 
         longest = max(len(row) for row in rows)
         length = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = True
-        return ids, mask
+        return right_padded(rows, pad_id=pad, length=length)
 
     def encode(self, prompts: str | Sequence[str], *, max_tokens: int | None = None, output_device=None):
         """Caption features [B, L, hidden] (float32) and mask [B, L] (bool), both on output_device (default CPU).

@@ -221,6 +221,17 @@ def check_tokenizer_files(folder: str, source: str = LLAMA2_7B) -> None:
         )
 
 
+def right_padded(rows: list, *, pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows as ids [B, length] (int64, right padded with pad_id) and mask [B, length] (bool, True on the
+    rows' own tokens)."""
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
 def read_config_json(folder: str) -> dict | None:
     """config.json of a folder as a dict, or None when it is missing or not a JSON object."""
     try:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from .hf_folder import HFTextEncoder, as_prompt_list, load_tokenizer
+from .hf_folder import HFTextEncoder, as_prompt_list, load_tokenizer, right_padded
 from .hf_weights import LLAMA2_7B, TextEncoderError
 
 logger = logging.getLogger(__name__)
@@ -124,13 +124,7 @@ class LlamaTextEncoder(HFTextEncoder):
                 row = row[:max_tokens]
             rows.append(row)
 
-        length = max(len(row) for row in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)  # pad id 0, as the original
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = True
-        return ids, mask
+        return right_padded(rows, pad_id=0, length=max(len(row) for row in rows))  # pad id 0, as the original
 
     def encode(self, prompts: str | Sequence[str], *, max_tokens: int | None = None, output_device=None):
         """Caption features [B, L, hidden] (float32) and mask [B, L] (bool), both on output_device (default CPU)."""
