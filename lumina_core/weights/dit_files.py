@@ -98,9 +98,9 @@ class DiTFile:
     def check_keys(self, expected: dict) -> None:
         missing = [k for k in expected if k not in self.file_key]
         unexpected = sorted(set(self.file_key) - set(expected)) + self.unknown
-        if self.layout.name == "next_dit_diffusers":
+        if self.layout.copies_of is not None:
             have = set(self.copies.values())
-            missing += [d for k in expected for d in original_to_diffusers(k)[1:] if k not in have]
+            missing += [d for k in expected for d in self.layout.copies_of(k) if k not in have]
         if missing or unexpected:
             parts = []
             if missing:

@@ -42,6 +42,8 @@ class Layout:
     rename: Callable[[str], tuple[Optional[str], bool]]  # file key -> (module key or None, is a copy)
     config: Callable[[dict, str], DiTConfig]  # module-key shapes, source name -> configuration
     model: type  # the module class, built as model(config, operations=, dtype=)
+    # module key -> the file keys of the copies a file of this layout must also hold (None: no copies)
+    copies_of: Optional[Callable[[str], list]] = None
 
     def find_prefix(self, keys: list) -> Optional[str]:
         """The prefix of this layout's keys in `keys`, or None when the keys are not this layout's."""
@@ -267,6 +269,7 @@ NEXT_DIT_DIFFUSERS = Layout(
     name="next_dit_diffusers", family="lumina_next", title="Lumina-Next Next-DiT", description="diffusers layout",
     anchor="patch_embedder.proj.weight", marker="layers.0.norm1_context.weight", rejects=_REFINERS,
     rename=diffusers_to_original, config=NEXT_DIT.config, model=NextDiT,
+    copies_of=lambda key: original_to_diffusers(key)[1:],
 )
 LAYOUTS = (FLAG_DIT, NEXT_DIT, NEXT_DIT_DIFFUSERS)
 
