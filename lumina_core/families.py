@@ -22,6 +22,7 @@ import torch
 from .models.flag_dit import FlagDiT
 from .models.flag_dit import family_extrapolation as t2i_extrapolation
 from .models.next_dit import NextDiT, next_dit_extrapolation_kwargs
+from .models.unified_next_dit import UnifiedNextDiT, unified_next_dit_extrapolation_kwargs
 from .sampling.loop import SamplingDefaults
 from .weights.dit_files import _check_path, load_dit_file, read_dit_config
 from .weights.layouts import CheckpointError, describe_foreign, find_layout
@@ -36,7 +37,7 @@ class Family:
     dit_title: str  # "Flag-DiT"
     text_encoder_title: str  # "LLaMA-2-7B"
     text_encoder_source: str  # where users get the text encoder
-    latent_format: str  # "sdxl": 4-channel SDXL-VAE latents scaled by 0.13025
+    latent_format: str  # "sdxl": 4-channel SDXL-VAE latents scaled by 0.13025; "flux": 16-channel FLUX-AE latents
     defaults: SamplingDefaults
     matches_checkpoint: Callable[[list], bool]  # keys of a checkpoint file -> is this family's DiT
     read_dit_config: Callable  # path -> configuration (no weights read)
@@ -88,6 +89,13 @@ def _is_gemma_config(config: dict) -> bool:
     )
 
 
+def _is_gemma2_config(config: dict) -> bool:
+    # Gemma-2-2B (model_type "gemma2"), Lumina-Image-2.0's encoder; a hand-written config may name only the class.
+    model_type = str(config.get("model_type", "")).lower()
+    architectures = [str(a) for a in config.get("architectures") or []]
+    return model_type == "gemma2" or (not model_type and any(a.startswith("Gemma2") for a in architectures))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The registry
 
@@ -125,7 +133,32 @@ LUMINA_NEXT = Family(
     extrapolation_kwargs=next_dit_extrapolation_kwargs,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LUMINA_T2I, LUMINA_NEXT)}
+LUMINA_2 = Family(
+    name="lumina2",
+    title="Lumina-Image-2.0",
+    dit_title="Unified Next-DiT",
+    text_encoder_title="Gemma-2-2B",
+    text_encoder_source=(
+        "the Hugging Face folder of google/gemma-2-2b (or ComfyUI's gemma_2_2b_fp16.safetensors, or the "
+        "all-in-one lumina_2.safetensors)"
+    ),
+    latent_format="flux",
+    # The original demo: 18 grid points (17 steps) midpoint, shift 6, cfg 4 on all 16 channels, guidance only while
+    # t < 0.25, the guided velocity's norm clamped to the conditional one's.
+    defaults=SamplingDefaults(
+        solver="midpoint", steps=17, cfg=4.0, shift=6.0, extrapolation="off", guidance="all", cfg_trunc=0.25,
+        renorm_cfg=1.0,
+    ),
+    matches_checkpoint=_matches("lumina2"),
+    read_dit_config=partial(read_dit_config, families=("lumina2",)),
+    load_dit=_loader("lumina2"),
+    dit_class=lambda: UnifiedNextDiT,
+    matches_text_encoder=_is_gemma2_config,
+    text_encoder_class=lambda: _text_encoder_class("gemma2", "Gemma2TextEncoder"),
+    extrapolation_kwargs=unified_next_dit_extrapolation_kwargs,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LUMINA_T2I, LUMINA_NEXT, LUMINA_2)}
 
 
 def get_family(name: str) -> Family:
@@ -159,16 +192,18 @@ def checkpoint_family(path) -> Family:
         if family.matches_checkpoint(keys):
             return family
     foreign = describe_foreign(keys)
-    if foreign and "Lumina-Next" not in foreign:
-        raise CheckpointError(f"{path} is {foreign}, not a Lumina-T2I or Lumina-Next DiT")
+    dits = " or ".join(f"{f.title} {f.dit_title}" for f in FAMILIES.values())
+    if foreign and not any(f.title in foreign for f in FAMILIES.values()):
+        raise CheckpointError(f"{path} is {foreign}, not a {dits}")
     raise CheckpointError(
-        f"{path} is not a Lumina-T2I Flag-DiT or Lumina-Next Next-DiT checkpoint (first keys: "
-        f"{', '.join(keys[:5])}); load it with the node made for its model"
+        f"{path} is not a {dits} checkpoint (first keys: {', '.join(keys[:5])}); load it with the node made for its "
+        f"model"
     )
 
 
 def load_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device="cpu", operations=None):
-    """Load the DiT at `path` (a Flag-DiT, or a Next-DiT in either layout), its family found from its keys."""
+    """Load the DiT at `path` (a Flag-DiT, a Next-DiT or a Unified Next-DiT, in any of their layouts), its family
+    found from its keys."""
     return checkpoint_family(path).load_dit(path, dtype=dtype, device=device, operations=operations)
 
 

@@ -24,13 +24,14 @@ def _folder(tmp_path, name, config):
 @pytest.mark.parametrize(
     "config, family",
     [({"model_type": "llama"}, "lumina_t2i"), ({"architectures": ["LlamaForCausalLM"]}, "lumina_t2i"),
-     ({"model_type": "gemma"}, "lumina_next"), ({"architectures": ["GemmaForCausalLM"]}, "lumina_next")],
+     ({"model_type": "gemma"}, "lumina_next"), ({"architectures": ["GemmaForCausalLM"]}, "lumina_next"),
+     ({"model_type": "gemma2"}, "lumina2"), ({"architectures": ["Gemma2ForCausalLM"]}, "lumina2")],
 )
 def test_text_encoder_family_from_config_json(tmp_path, config, family):
     assert families.text_encoder_family(_folder(tmp_path, "te", config)).name == family
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "t5", "clip_text_model"])
+@pytest.mark.parametrize("model_type", ["gemma3", "t5", "clip_text_model"])
 def test_other_text_encoders_are_not_lumina_ones(tmp_path, model_type):
     folder = _folder(tmp_path, "te", {"model_type": model_type})
     assert not families.is_text_encoder_folder(folder)
@@ -44,12 +45,16 @@ def test_each_checkpoint_matches_exactly_one_family(tmp_path):
         "lumina_next": write_tiny_next_dit(tmp_path / "next.safetensors"),
     }
     paths["lumina_next_diffusers"] = write_tiny_next_dit(tmp_path / "next_d.safetensors", layout="diffusers")
+    from tests.helpers_lumina2 import LAYOUTS, write_dit
+
+    for layout in LAYOUTS:
+        paths[f"lumina2_{layout}"] = write_dit(tmp_path / layout, layout)
     for name, path in paths.items():
         from lumina_core.weights.tensor_io import open_tensor_file
 
         keys = open_tensor_file(path).keys
         matching = [f.name for f in families.FAMILIES.values() if f.matches_checkpoint(keys)]
-        assert matching == [name.replace("_diffusers", "")]
+        assert matching == [name.replace("_diffusers", "") if name.startswith("lumina_") else "lumina2"], name
 
 
 def test_mismatch_message_names_the_encoder_the_dit_needs():

@@ -142,3 +142,58 @@ class NextDiTConfig(DiTConfig):
 NEXT_DIT_2B = NextDiTConfig(dim=2304, n_layers=24, n_heads=32, cap_feat_dim=2048)
 NEXT_DIT_2B_GQA = NextDiTConfig(dim=2304, n_layers=24, n_heads=32, n_kv_heads=8, cap_feat_dim=2048)
 NEXT_DIT_TINY = NextDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, cap_feat_dim=32)
+
+
+@dataclass(frozen=True)
+class UnifiedNextDiTConfig(DiTConfig):
+    """The Lumina-Image-2.0 Unified Next-DiT ("NextDiT_2B_GQA_patch2_Adaln_Refiner" of Alpha-VLLM/Lumina-Image-2.0).
+
+    Caption and image tokens run in one sequence; before it, `n_refiner_layers` context-refiner blocks work on the
+    caption alone and as many noise-refiner blocks on the image alone. 16 FLUX-VAE latent channels, no learned
+    variance; per-head RMS q/k norms; 3-D RoPE whose axes (caption index, row, column) own `axes_dims` channels of
+    each head and have tables of `axes_lens` positions; the SwiGLU hidden width is 4*dim (no 2/3), rounded up to a
+    multiple of `multiple_of`. The adaLN input is the timestep embedding alone.
+    """
+
+    in_channels: int = 16
+    dim: int = 2304
+    n_layers: int = 26
+    n_heads: int = 24
+    n_kv_heads: Optional[int] = 8
+    learn_sigma: bool = False
+    cap_feat_dim: int = 2304
+    n_refiner_layers: int = 2
+    axes_dims: tuple = (32, 32, 32)
+    axes_lens: tuple = (300, 512, 512)
+    rope_name = "3-D RoPE"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.n_refiner_layers, int) or self.n_refiner_layers < 0:
+            raise ValueError(f"n_refiner_layers must be a non-negative integer, got {self.n_refiner_layers!r}")
+        dims, lens = tuple(self.axes_dims), tuple(self.axes_lens)
+        if len(dims) != 3 or len(lens) != 3 or any(d < 2 or d % 2 for d in dims) or any(n < 1 for n in lens):
+            raise ValueError(f"axes_dims {dims} must be 3 positive even widths and axes_lens {lens} 3 lengths")
+        if sum(dims) != self.head_dim:
+            raise ValueError(f"axes_dims {dims} must add up to head_dim {self.head_dim} (dim {self.dim} / n_heads "
+                             f"{self.n_heads}) for {self.rope_name}")
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = 4 * self.dim
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "UnifiedNextDiTConfig":
+        """A few-layer model of the same architecture (grouped-query), for tests and workflows on tiny models."""
+        return dataclasses.replace(UNIFIED_NEXT_DIT_TINY, **overrides)
+
+
+# The released Lumina-Image-2.0 DiT (Gemma-2-2B features) and a tiny one of the same architecture.
+UNIFIED_NEXT_DIT_2B = UnifiedNextDiTConfig()
+UNIFIED_NEXT_DIT_TINY = UnifiedNextDiTConfig(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, cap_feat_dim=32, n_refiner_layers=1,
+    axes_dims=(4, 6, 6),
+)

@@ -93,15 +93,17 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2k, 2k+1) of x [B, L, heads, head_dim] in fp32; returns fp32.
+    """Rotate channel pairs (2k, 2k+1) of x [B, L, heads, head_dim] in fp32 by cos/sin [L, head_dim/2] (the same
+    positions for every sample) or [B, L, head_dim/2]; returns fp32.
 
     This is the complex product (x_2k + i x_2k+1) * e^(i p f_k) written in real arithmetic, which keeps the op
     graph free of complex tensors (torch.compile friendly).
     """
     xf = x.float().unflatten(-1, (-1, 2))
     x_even, x_odd = xf[..., 0], xf[..., 1]
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return out.flatten(-2)
 

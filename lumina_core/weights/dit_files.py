@@ -29,7 +29,7 @@ from .layouts import (
     find_layout,
     original_to_diffusers,
 )
-from .tensor_io import open_tensor_file, write_safetensors
+from .tensor_io import DIFFUSERS_WEIGHTS, INDEX_SUFFIX, find_index, open_tensor_file, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,20 @@ def _check_path(path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: check the file name and folder")
     if path.is_dir():
+        if find_index(path) is not None or (path / DIFFUSERS_WEIGHTS).is_file():
+            return path  # a sharded checkpoint's folder (diffusers' transformer/), read through its index
         raise CheckpointError(
-            f"{path} is a directory, not a checkpoint file: choose the .safetensors file inside it "
-            f"(for Lumina-T2I, consolidated.00-of-01.safetensors or its bf16 conversion)"
+            f"{path} is a directory, not a checkpoint file: choose the .safetensors file inside it (a folder is "
+            f"read only when it holds a *{INDEX_SUFFIX} index, as diffusers' transformer/ folder does)"
         )
+    if path.name.endswith(INDEX_SUFFIX):
+        return path
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; get the file again")
     if path.suffix not in (".safetensors",) + PICKLE_SUFFIXES:
         raise CheckpointError(
-            f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors (or .pth/.pt/.ckpt)"
+            f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors (or .pth/.pt/.ckpt, or a "
+            f"safetensors index json)"
         )
     return path
 
@@ -81,10 +86,17 @@ class DiTFile:
         self.layout, prefix = found
         self.file_key: dict[str, str] = {}  # module key -> file key
         self.copies: dict[str, str] = {}  # file key of a duplicate -> module key
+        self.joined: dict[str, list] = {}  # module key -> the file keys of its row blocks, in order
         self.unknown: list[str] = []
+        blocks: dict[str, dict] = {}
         for key in keys:
             if not key.startswith(prefix):
                 continue  # the other parts of an all-in-one file
+            part = self.layout.parts(key[len(prefix):]) if self.layout.parts else None
+            if part is not None:
+                name, index, count = part
+                blocks.setdefault(name, [None] * count)[index] = key
+                continue
             name, is_copy = self.layout.rename(key[len(prefix):])
             if name is None:
                 self.unknown.append(key[len(prefix):])
@@ -92,11 +104,61 @@ class DiTFile:
                 self.copies[key] = name
             else:
                 self.file_key[name] = key
-        shapes = {k: tuple(self.src.shape(f)) for k, f in self.file_key.items()}
+        for name, found_blocks in blocks.items():
+            if None in found_blocks:
+                raise CheckpointError(
+                    f"{self.path}: {name} is stored in {len(found_blocks)} row blocks, but only "
+                    f"{len(found_blocks) - found_blocks.count(None)} were found ({', '.join(filter(None, found_blocks))})"
+                    f"; the file is incomplete: download it again"
+                )
+            self.joined[name] = found_blocks
+            self.file_key[name] = found_blocks[0]
+        self.optional = dict(self.layout.optional)
+        shapes = {k: self.shape(k) for k in self.file_key}
         self.config = self.layout.config(shapes, str(self.path))
 
+    # The tensors by module key (a joined tensor is read block by block into its rows).
+
+    def shape(self, key: str) -> tuple:
+        if key not in self.joined:
+            return tuple(self.src.shape(self.file_key[key]))
+        shapes = [tuple(self.src.shape(f)) for f in self.joined[key]]
+        if any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
+            raise CheckpointError(f"{self.path}: the blocks of {key} ({', '.join(self.joined[key])}) have shapes "
+                                  f"{shapes}, which do not stack into one matrix")
+        return (sum(s[0] for s in shapes), shapes[0][1])
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.file_key:
+            return torch.full(self.expected_shape[key], self.optional[key])
+        if key not in self.joined:
+            return self.src.get(self.file_key[key])
+        return torch.cat([self.src.get(f) for f in self.joined[key]])
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill `out` (the module tensor's shape, any dtype) from the file, cast as read."""
+        if key not in self.file_key:
+            out.fill_(self.optional[key])
+            return
+        if key not in self.joined:
+            self._read(self.file_key[key], out)
+            return
+        row = 0
+        for f in self.joined[key]:
+            rows = self.src.shape(f)[0]
+            self._read(f, out[row:row + rows])
+            row += rows
+
+    def _read(self, file_key: str, out: torch.Tensor) -> None:
+        read_into = getattr(self.src, "read_into", None)
+        if read_into is not None:
+            read_into(file_key, out)
+        else:  # a weights-only pickle, memory-mapped: copy from the mapping
+            out.copy_(self.src.get(file_key))
+
     def check_keys(self, expected: dict) -> None:
-        missing = [k for k in expected if k not in self.file_key]
+        self.expected_shape = expected
+        missing = [k for k in expected if k not in self.file_key and k not in self.optional]
         unexpected = sorted(set(self.file_key) - set(expected)) + self.unknown
         if self.layout.copies_of is not None:
             have = set(self.copies.values())
@@ -142,11 +204,13 @@ def read_weights(source: "DiTFile", expected: dict, dtype, device) -> dict:
     are small enough to come from the allocator's heap, where the freed fp32 copies leave holes.
     """
     for key, shape in expected.items():
-        found = tuple(source.src.shape(source.file_key[key]))
+        if key not in source.file_key:
+            continue  # an optional tensor the file leaves out
+        found = source.shape(key)
         if found != shape:
             raise CheckpointError(f"{source.path}: {source.file_key[key]} has shape {found}, expected {shape}")
     if dtype is None:
-        return {key: source.src.get(source.file_key[key]).to(device) for key in expected}
+        return {key: source.get(key).to(device) for key in expected}
     dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(expected, dtype)
     offsets, totals = {}, {}
     for key, shape in expected.items():
@@ -155,14 +219,10 @@ def read_weights(source: "DiTFile", expected: dict, dtype, device) -> dict:
         offsets[key] = totals.get(target, 0)
         totals[target] = offsets[key] + -(-math.prod(shape) // step) * step
     packed = {target: torch.empty(total, dtype=target) for target, total in totals.items()}
-    read_into = getattr(source.src, "read_into", None)
     state = {}
     for key, shape in expected.items():
         out = packed[dtypes[key]][offsets[key]:offsets[key] + math.prod(shape)].view(shape)
-        if read_into is not None:
-            read_into(source.file_key[key], out)
-        else:  # a weights-only pickle, memory-mapped: copy from the mapping
-            out.copy_(source.src.get(source.file_key[key]))
+        source.read_into(key, out)
         state[key] = out if torch.device(device).type == "cpu" else out.to(device)
     return state
 
@@ -187,7 +247,7 @@ def load_dit_file(
     config = source.config
     if dtype is None:
         probe = next(iter(source.file_key.values()))
-        linear_key = next((f for k, f in source.file_key.items() if k.endswith(".wq.weight")), probe)
+        linear_key = next((f for k, f in source.file_key.items() if k.endswith((".wq.weight", ".qkv.weight"))), probe)
         if is_fp8(source.src.dtype(linear_key)):
             dtype = source.src.dtype(linear_key)
     fp8 = is_fp8(dtype)
@@ -263,7 +323,7 @@ def convert_checkpoint(
 
     def tensors():
         for i, key in enumerate(expected):
-            yield key, source.src.get(source.file_key[key])
+            yield key, source.get(key)
             if progress is not None:
                 progress(i + 1, total)
 

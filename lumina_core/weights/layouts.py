@@ -9,6 +9,11 @@ key, such as `model.diffusion_model.`), a marker key under the same prefix, and 
 - `next_dit_diffusers`: diffusers' `LuminaNextDiT2DModel` (`transformer/diffusion_pytorch_model*.safetensors`):
   every key maps to one original key; `attn2.to_q` and `attn2.norm_q` are copies of `attn1.to_q`/`attn1.norm_q`
   written by diffusers' converter, checked to be equal and then dropped.
+- `unified_next_dit`: Lumina-Image-2.0's original `consolidated.00-of-01.pth` (SPEC.md §9), ComfyUI's
+  `lumina_2_model_bf16.safetensors` (the same names) and the DiT of ComfyUI's all-in-one `lumina_2.safetensors`
+  (under `model.diffusion_model.`).
+- `unified_next_dit_diffusers`: diffusers' `Lumina2Transformer2DModel`: the fused `attention.qkv` is stored as
+  `attn.to_q`/`to_k`/`to_v` (joined back row-wise: `parts`), and the unused `norm_final` is left out (`optional`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from ..models.config import DiTConfig, FlagDiTConfig, NextDiTConfig
+from ..models.config import DiTConfig, FlagDiTConfig, NextDiTConfig, UnifiedNextDiTConfig
 from ..models.flag_dit import FlagDiT
 from ..models.next_dit import NextDiT
+from ..models.unified_next_dit import UnifiedNextDiT
 from .tensor_io import WeightsFileError
 
 PREFIX = re.compile(r"((model|module|diffusion_model|_orig_mod|net|transformer)\.)+")
@@ -44,6 +50,11 @@ class Layout:
     model: type  # the module class, built as model(config, operations=, dtype=)
     # module key -> the file keys of the copies a file of this layout must also hold (None: no copies)
     copies_of: Optional[Callable[[str], list]] = None
+    # file key -> (module key, index, count) when the file splits a module tensor into `count` row blocks, joined
+    # in index order
+    parts: Optional[Callable[[str], Optional[tuple[str, int, int]]]] = None
+    # module keys a file of this layout may leave out, with the value filling them (unused parameters)
+    optional: tuple = ()
 
     def find_prefix(self, keys: list) -> Optional[str]:
         """The prefix of this layout's keys in `keys`, or None when the keys are not this layout's."""
@@ -72,8 +83,8 @@ def describe_foreign(keys: list[str]) -> Optional[str]:
 
     if has(r"(^|\.)(noise_refiner|context_refiner)\."):
         return (
-            "a Lumina-Image-2.0 (NextDiT) transformer; ComfyUI loads it natively with its Load Diffusion Model "
-            "(UNETLoader) node"
+            "a Lumina-Image-2.0 (Unified Next-DiT) transformer; load it with the Lumina Load DiT node "
+            "(lumina_core.load_dit)"
         )
     if has(r"(^|\.)layers\.\d+\.attention_norm1\.") or has(r"(^|\.)layers\.\d+\.ffn_norm2\."):
         return (
@@ -271,7 +282,147 @@ NEXT_DIT_DIFFUSERS = Layout(
     rename=diffusers_to_original, config=NEXT_DIT.config, model=NextDiT,
     copies_of=lambda key: original_to_diffusers(key)[1:],
 )
-LAYOUTS = (FLAG_DIT, NEXT_DIT, NEXT_DIT_DIFFUSERS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lumina-Image-2.0
+
+
+def _axes_dims(head_dim: int) -> tuple:
+    """The RoPE axis widths of a head: the caption axis 2*(head_dim//6), the row and column axes half the rest each
+    (96 -> the released (32, 32, 32)); the checkpoint does not store them."""
+    caption = 2 * (head_dim // 6)
+    side = (head_dim - caption) // 2
+    return (caption, side, side)
+
+
+def unified_dit_config(shapes: dict, source: str) -> UnifiedNextDiTConfig:
+    """The configuration of a Unified Next-DiT from its original-name shapes: widths from the embedders, head_dim
+    from q_norm, head counts from the fused qkv, FFN width from w1, refiner depth from the noise refiner."""
+    title = "Lumina-Image-2.0 Unified Next-DiT"
+    required = ("x_embedder.weight", "final_layer.linear.weight", "cap_embedder.1.weight",
+                "layers.0.attention.qkv.weight", "layers.0.attention.q_norm.weight", "layers.0.feed_forward.w1.weight")
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise CheckpointError(
+            f"{source} is not a {title}: it lacks {', '.join(missing)} (first keys found: {', '.join(list(shapes)[:5])})"
+        )
+    dim, patch_in = shapes["x_embedder.weight"]
+    patch_size = 2
+    in_channels = patch_in // patch_size**2
+    if in_channels * patch_size**2 != patch_in or shapes["final_layer.linear.weight"][0] != patch_in:
+        raise CheckpointError(
+            f"{source}: x_embedder takes {patch_in} and final_layer.linear gives "
+            f"{shapes['final_layer.linear.weight'][0]} values per patch; a {title} has channels x 2 x 2 for both"
+        )
+    head_dim = shapes["layers.0.attention.q_norm.weight"][0]
+    n_heads = dim // head_dim
+    kv_heads = (shapes["layers.0.attention.qkv.weight"][0] // head_dim - n_heads) // 2
+    hidden = shapes["layers.0.feed_forward.w1.weight"][0]
+    multiple_of, multiplier = next(
+        ((m, None) for m in (256, 128, 64, 32, 16, 8, 4, 2, 1) if m * -(-4 * dim // m) == hidden), (1, hidden / (4 * dim))
+    )
+    refiners = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"noise_refiner\.(\d+)\.", k))), default=-1)
+    try:
+        return UnifiedNextDiTConfig(
+            patch_size=patch_size, in_channels=in_channels, dim=dim, n_layers=n_layers_of(shapes), n_heads=n_heads,
+            n_kv_heads=kv_heads, multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+            cap_feat_dim=shapes["cap_embedder.1.weight"][1], n_refiner_layers=refiners, axes_dims=_axes_dims(head_dim),
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{source}: inconsistent {title} shapes ({err})") from None
+
+
+# diffusers name -> original name, outside the blocks
+_L2_DIFFUSERS_TOP = {
+    "x_embedder.weight": "x_embedder.weight",
+    "x_embedder.bias": "x_embedder.bias",
+    "time_caption_embed.timestep_embedder.linear_1.weight": "t_embedder.mlp.0.weight",
+    "time_caption_embed.timestep_embedder.linear_1.bias": "t_embedder.mlp.0.bias",
+    "time_caption_embed.timestep_embedder.linear_2.weight": "t_embedder.mlp.2.weight",
+    "time_caption_embed.timestep_embedder.linear_2.bias": "t_embedder.mlp.2.bias",
+    "time_caption_embed.caption_embedder.0.weight": "cap_embedder.0.weight",
+    "time_caption_embed.caption_embedder.1.weight": "cap_embedder.1.weight",
+    "time_caption_embed.caption_embedder.1.bias": "cap_embedder.1.bias",
+    "norm_out.linear_1.weight": "final_layer.adaLN_modulation.1.weight",
+    "norm_out.linear_1.bias": "final_layer.adaLN_modulation.1.bias",
+    "norm_out.linear_2.weight": "final_layer.linear.weight",
+    "norm_out.linear_2.bias": "final_layer.linear.bias",
+}
+# inside a block (noise_refiner.N, context_refiner.N, layers.N); norm1 is a plain RMSNorm in the context refiner and
+# the norm of an adaLN pair (norm1.norm, norm1.linear) in the modulated blocks
+_L2_DIFFUSERS_BLOCK = {
+    "attn.to_out.0.weight": "attention.out.weight",
+    "attn.norm_q.weight": "attention.q_norm.weight",
+    "attn.norm_k.weight": "attention.k_norm.weight",
+    "feed_forward.linear_1.weight": "feed_forward.w1.weight",
+    "feed_forward.linear_2.weight": "feed_forward.w2.weight",
+    "feed_forward.linear_3.weight": "feed_forward.w3.weight",
+    "norm1.weight": "attention_norm1.weight",
+    "norm1.norm.weight": "attention_norm1.weight",
+    "norm1.linear.weight": "adaLN_modulation.1.weight",
+    "norm1.linear.bias": "adaLN_modulation.1.bias",
+    "norm2.weight": "attention_norm2.weight",
+    "ffn_norm1.weight": "ffn_norm1.weight",
+    "ffn_norm2.weight": "ffn_norm2.weight",
+}
+_L2_QKV = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")  # rows of attention.qkv, in this order
+_L2_BLOCK_KEY = re.compile(r"((?:noise_refiner|context_refiner|layers)\.\d+)\.(.+)")
+
+
+def unified_diffusers_to_original(key: str) -> tuple[Optional[str], bool]:
+    """(original key, False) of a diffusers `Lumina2Transformer2DModel` key; (None, False) for an unknown key or
+    a q/k/v block (see unified_diffusers_part)."""
+    if key in _L2_DIFFUSERS_TOP:
+        return _L2_DIFFUSERS_TOP[key], False
+    m = _L2_BLOCK_KEY.fullmatch(key)
+    if m and m.group(2) in _L2_DIFFUSERS_BLOCK:
+        return f"{m.group(1)}.{_L2_DIFFUSERS_BLOCK[m.group(2)]}", False
+    return None, False
+
+
+def unified_diffusers_part(key: str) -> Optional[tuple[str, int, int]]:
+    """(`...attention.qkv.weight`, 0/1/2, 3) for a diffusers to_q/to_k/to_v key, else None."""
+    m = _L2_BLOCK_KEY.fullmatch(key)
+    if m and m.group(2) in _L2_QKV:
+        return f"{m.group(1)}.attention.qkv.weight", _L2_QKV.index(m.group(2)), len(_L2_QKV)
+    return None
+
+
+def unified_original_to_diffusers(key: str) -> list[str]:
+    """The diffusers keys holding an original key's tensor (three row blocks for qkv; none for norm_final)."""
+    if key == "norm_final.weight":
+        return []
+    for d, o in _L2_DIFFUSERS_TOP.items():
+        if o == key:
+            return [d]
+    m = _L2_BLOCK_KEY.fullmatch(key)
+    if not m:
+        raise KeyError(key)
+    block, rest = m.groups()
+    if rest == "attention.qkv.weight":
+        return [f"{block}.{name}" for name in _L2_QKV]
+    if rest == "attention_norm1.weight":
+        return [f"{block}.{'norm1.weight' if block.startswith('context_refiner') else 'norm1.norm.weight'}"]
+    names = [d for d, o in _L2_DIFFUSERS_BLOCK.items() if o == rest]
+    if not names:
+        raise KeyError(key)
+    return [f"{block}.{names[0]}"]
+
+
+UNIFIED_NEXT_DIT = Layout(
+    name="unified_next_dit", family="lumina2", title="Lumina-Image-2.0 Unified Next-DiT",
+    description="original layout", anchor="x_embedder.weight", marker="context_refiner.0.attention.qkv.weight",
+    rejects=None, rename=_same, config=unified_dit_config, model=UnifiedNextDiT,
+    optional=(("norm_final.weight", 1.0),),
+)
+UNIFIED_NEXT_DIT_DIFFUSERS = Layout(
+    name="unified_next_dit_diffusers", family="lumina2", title="Lumina-Image-2.0 Unified Next-DiT",
+    description="diffusers layout", anchor="x_embedder.weight", marker="context_refiner.0.attn.to_q.weight",
+    rejects=None, rename=unified_diffusers_to_original, config=unified_dit_config, model=UnifiedNextDiT,
+    parts=unified_diffusers_part, optional=(("norm_final.weight", 1.0),),
+)
+LAYOUTS = (FLAG_DIT, NEXT_DIT, NEXT_DIT_DIFFUSERS, UNIFIED_NEXT_DIT, UNIFIED_NEXT_DIT_DIFFUSERS)
 
 
 def find_layout(keys: Iterable[str]) -> Optional[tuple[Layout, str]]:

@@ -172,8 +172,77 @@ class PickleFile:
         return {}
 
 
+class ShardedSafetensors:
+    """The tensors of a sharded safetensors checkpoint, through its index json (`weight_map`: key -> shard file
+    beside the index), with the interface of SafetensorsFile. diffusers and transformers write such folders."""
+
+    def __init__(self, index: Path, error=WeightsFileError):
+        self.path = index
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(type(weight_map).__name__)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise error(
+                f"{index} is not a readable safetensors index (a JSON object with a weight_map; {err!r}): download "
+                f"it again"
+            ) from None
+        shards: dict[str, SafetensorsFile] = {}
+        self._file: dict[str, SafetensorsFile] = {}
+        for key, name in weight_map.items():
+            if name not in shards:
+                shard = index.parent / str(name)
+                if not shard.is_file():
+                    raise error(f"{index} lists the shard {name}, which is not in {index.parent}: download it")
+                shards[name] = SafetensorsFile(shard, error)
+            if key not in shards[name].keys:
+                raise error(f"{index} places {key!r} in {name}, which does not hold it: the files do not belong "
+                            f"together; download the folder again")
+            self._file[key] = shards[name]
+        self.keys = list(self._file)
+
+    def shape(self, key: str) -> tuple:
+        return self._file[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._file[key].dtype(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file[key].get(key)
+
+    def read_into(self, key: str, out: torch.Tensor, chunk_bytes: int = 8 << 20) -> torch.Tensor:
+        return self._file[key].read_into(key, out, chunk_bytes)
+
+    def metadata(self) -> dict:
+        return {}
+
+
+INDEX_SUFFIX = ".safetensors.index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the weights of an unsharded diffusers model folder
+
+
+def find_index(folder: Path) -> Path | None:
+    """The safetensors index json of a folder, or None when it has none (or more than one)."""
+    found = sorted(folder.glob("*" + INDEX_SUFFIX))
+    return found[0] if len(found) == 1 else None
+
+
 def open_tensor_file(path: Path, error=WeightsFileError):
-    """A SafetensorsFile for .safetensors, else a weights-only PickleFile; errors raised as `error`."""
+    """A SafetensorsFile for .safetensors, a ShardedSafetensors for an index json (or a folder holding one; a
+    diffusers model folder), else a weights-only PickleFile; errors raised as `error`."""
+    path = Path(path)
+    if path.is_dir():
+        index = find_index(path)
+        if index is not None:
+            return ShardedSafetensors(index, error)
+        if (path / DIFFUSERS_WEIGHTS).is_file():
+            return SafetensorsFile(path / DIFFUSERS_WEIGHTS, error)
+        raise error(
+            f"{path} is a folder without a safetensors index (*{INDEX_SUFFIX}) or {DIFFUSERS_WEIGHTS}; choose the "
+            f"weights file itself"
+        )
+    if path.name.endswith(".json"):
+        return ShardedSafetensors(path, error)
     return SafetensorsFile(path, error) if path.suffix == ".safetensors" else PickleFile(path, error)
 
 
