@@ -93,7 +93,7 @@ if IN_COMFYUI:
 
     _MODEL_CONFIGS: dict = {}
     # The registry's latent format names -> ComfyUI's latent formats.
-    _LATENT_FORMATS = {"sdxl": comfy.latent_formats.SDXL}
+    _LATENT_FORMATS = {"sdxl": comfy.latent_formats.SDXL, "flux": comfy.latent_formats.Flux}
 
     def _model_config_class(family):
         """LuminaT2IConfig with the family's default shift and latent format."""
@@ -113,7 +113,8 @@ def _parameter_count(config, dit_class=FlagDiT) -> int:
 
 
 def load_dit_model(path: str, dtype_choice: str):
-    """A MODEL holding the DiT at `path`, whichever family its keys say it belongs to (Flag-DiT or Next-DiT)."""
+    """A MODEL holding the DiT at `path`, whichever family its keys say it belongs to (Flag-DiT, Next-DiT or
+    Unified Next-DiT)."""
     return load_flag_dit_model(path, dtype_choice, family=families.checkpoint_family(path))
 
 
@@ -149,16 +150,17 @@ def load_flag_dit_model(path: str, dtype_choice: str, family=None):
 
 
 def lumina_dit(model):
-    """The Lumina DiT (Flag-DiT or Next-DiT) inside a MODEL, or a ValueError saying which node to use."""
+    """The Lumina DiT (Flag-DiT, Next-DiT or Unified Next-DiT) inside a MODEL, or a ValueError saying which node
+    to use."""
     inner = getattr(model, "model", None)
     dit = getattr(inner, "diffusion_model", None)
     family = getattr(dit, "family", None)
     if family not in families.FAMILIES or not isinstance(dit, families.get_family(family).dit_class()):
         what = type(inner).__name__ if inner is not None else type(model).__name__
         raise ValueError(
-            f"The MODEL input is a {what} model, not a Lumina-T2I Flag-DiT (nor a Lumina-Next Next-DiT). Load the "
-            f"DiT with the Lumina Load DiT node (or Lumina Load Flag-DiT; models/diffusion_models) and connect that "
-            f"MODEL."
+            f"The MODEL input is a {what} model, not a Lumina DiT loaded by this pack (Lumina-T2I, Lumina-Next or "
+            f"Lumina-Image-2.0). Load the DiT with the Lumina Load DiT node (models/diffusion_models) and connect "
+            f"that MODEL; ComfyUI's own Lumina 2 MODEL works with the Lumina CFG Guider and Lumina ODE Sampler."
         )
     return dit
 

@@ -23,9 +23,10 @@ from typing import Optional
 import torch
 
 from lumina_core.families import LUMINA_T2I, family_of
-from lumina_core.models.blocks import TextContext
+from lumina_core.models.blocks import LuminaDiT, TextContext
 from lumina_core.models.flag_dit import FlagDiT
 from lumina_core.models.next_dit import NextDiT
+from lumina_core.models.unified_next_dit import UnifiedNextDiT
 from lumina_core.sampling.loop import EXTRAPOLATIONS
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     """
     dit = executor.class_obj.diffusion_model
     dit = getattr(dit, "_orig_mod", dit)  # a torch.compile'd module wraps the DiT
-    if c_crossattn is not None and isinstance(dit, (FlagDiT, NextDiT)):
+    if c_crossattn is not None and isinstance(dit, LuminaDiT):
         kwargs[STEP_KWARG] = make_step(dit, x, t, c_crossattn.to(x.device), kwargs.get("attention_mask"),
                                        transformer_options)
     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -214,7 +215,11 @@ class ComfyNextDiT(ComfyFlowMixin, NextDiT):
     """The Lumina-Next Next-DiT with ComfyUI's forward."""
 
 
-_COMFY_CLASSES = {cls.family: cls for cls in (ComfyFlagDiT, ComfyNextDiT)}
+class ComfyUnifiedNextDiT(ComfyFlowMixin, UnifiedNextDiT):
+    """The Lumina-Image-2.0 Unified Next-DiT with ComfyUI's forward."""
+
+
+_COMFY_CLASSES = {cls.family: cls for cls in (ComfyFlagDiT, ComfyNextDiT, ComfyUnifiedNextDiT)}
 
 
 def comfy_dit_class(family) -> type:

@@ -1,10 +1,11 @@
-"""Lumina Empty Latent: zeros of an SDXL-VAE latent at a Lumina-friendly resolution."""
+"""Lumina Empty Latent: zeros of an SDXL-VAE latent at a Lumina-friendly resolution (made 16 FLUX channels by the
+samplers for Lumina-Image-2.0, as ComfyUI's samplers do with empty latents)."""
 
 from __future__ import annotations
 
 import torch
 
-from lumina_core.image.latent import LATENT_CHANNELS
+from lumina_core.image.latent import LATENT_CHANNELS, latent_format
 
 from . import comfy_env
 from .common import (
@@ -51,10 +52,16 @@ class LuminaEmptyLatent:
         }
 
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Empty (zero) SDXL-VAE latents [batch, 4, height/8, width/8].",)
+    OUTPUT_TOOLTIPS = (
+        "Empty (zero) latents [batch, 4, height/8, width/8]. For Lumina-Image-2.0 (16 FLUX-AE channels) the Lumina "
+        "Sampler and ComfyUI's samplers widen an empty latent to 16 channels themselves.",
+    )
     FUNCTION = "generate"
     CATEGORY = "Lumina/latent"
-    DESCRIPTION = "An empty latent for Lumina-T2I, from a preset resolution or a custom multiple of 16 pixels."
+    DESCRIPTION = (
+        "An empty latent for every Lumina family, from a preset resolution or a custom multiple of 16 pixels (4 "
+        "SDXL-VAE channels; the samplers make it 16 FLUX-AE channels for Lumina-Image-2.0)."
+    )
 
     @classmethod
     def VALIDATE_INPUTS(cls, resolution, width, height):
@@ -76,3 +83,18 @@ class LuminaEmptyLatent:
             dtype=comfy_env.intermediate_dtype(),
         )
         return ({"samples": samples, "downscale_ratio_spacial": VAE_FACTOR},)
+
+
+def latent_for_family(raw: torch.Tensor, family) -> torch.Tensor:
+    """The LATENT's samples as the family's DiT takes them: an empty (all-zero) latent of another channel count
+    becomes zeros of the family's (what ComfyUI's samplers do for empty latents); a non-empty one of the wrong
+    channels is refused with the VAE to encode it with."""
+    fmt = latent_format(family.latent_format)
+    if raw.shape[1] == fmt.channels:
+        return raw
+    if not bool(raw.any()):
+        return raw.new_zeros((raw.shape[0], fmt.channels) + tuple(raw.shape[2:]))
+    raise ValueError(
+        f"The latent has {raw.shape[1]} channels, but {family.title} works on {fmt.channels}-channel latents of "
+        f"{fmt.vae}: encode the image with that VAE (VAE Encode), or start from an empty latent."
+    )

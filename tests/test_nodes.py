@@ -300,7 +300,7 @@ def test_sampler_refusals_say_what_to_connect(loaded):
     with pytest.raises(ValueError, match="empty"):
         _run_sampler(loaded, latent, positive=[])
     other = type("SDXLPatcher", (), {"model": type("SDXL", (), {"diffusion_model": torch.nn.Linear(2, 2)})()})()
-    with pytest.raises(ValueError, match="not a Lumina-T2I Flag-DiT.*Lumina Load Flag-DiT"):
+    with pytest.raises(ValueError, match="not a Lumina DiT loaded by this pack.*Lumina Load DiT"):
         N["LuminaSampler"]().sample(other, loaded["pos"], loaded["neg"], latent, 0, 2, 4.0, "euler", 4.0, 1.0,
                                     "t2i", "faithful")
 

@@ -61,8 +61,7 @@ def test_registry_detects_dits_and_text_encoder_folders(models):
     assert families.text_encoder_family(models["llama"]) is families.LUMINA_T2I
     assert families.text_encoder_family(models["gemma"]) is families.LUMINA_NEXT
     root = models["root"] / "text_encoders"
-    with pytest.raises(families.TextEncoderFolderError, match="'gemma2'.*no Lumina text encoder"):
-        families.text_encoder_family(root / "gemma2")
+    assert families.text_encoder_family(root / "gemma2") is families.LUMINA_2
     with pytest.raises(families.TextEncoderFolderError, match="No config.json"):
         families.text_encoder_family(models["root"])
     assert isinstance(families.load_text_encoder(models["gemma"], dtype=torch.float32), GemmaTextEncoder)
@@ -71,7 +70,7 @@ def test_registry_detects_dits_and_text_encoder_folders(models):
 
 def test_loader_lists_hold_both_families(models):
     folders = N["LuminaTextEncoderLoader"].INPUT_TYPES()["required"]["text_encoder_folder"][0]
-    assert folders == sorted([GEMMA_NAME, LLAMA_NAME])
+    assert folders == sorted([GEMMA_NAME, LLAMA_NAME, "gemma2"])  # a Gemma-2 folder is Lumina-Image-2.0's
     dits = N["LuminaDiTLoader"].INPUT_TYPES()["required"]["dit_name"][0]
     assert set(dits) == {DIT_NAME, NEXT_DIT_NAME, DIFFUSERS_NAME}
     # The LLaMA-only list of the older loader still shows LLaMA folders only.
