@@ -6,10 +6,11 @@ denoised = x - sigma*v_comfy. Lumina-T2I uses t = 1 - sigma (0 = noise, 1 = data
 The conversion between the two conventions lives here and nowhere else on the model side (the schedule side is
 `lumina_core.sampling.schedule.sigmas_from_time_grid`); ComfyUI's own Lumina 2 does the same (SPEC.md §5).
 
-Per-step work that is not tensor maths (sigma -> t, the resolution extrapolation of the step, finding the text
-prepared for this generation) is done by `apply_model_wrapper`, outside the network's forward, so that
-`torch.compile` (ComfyUI's TorchCompileModel) traces `ComfyFlagDiT.forward` as one graph: the forward then receives
-a `LuminaStep` and only computes. (The Next-DiT reads its time-aware RoPE switch off t itself, as the original.)
+Per-step work that is not tensor maths (sigma -> t, the resolution extrapolation of the step with the Next-DiT's
+time-aware RoPE switch decided at the step's t, finding the text prepared for this generation, the RoPE tables of
+the step's size) is done by `apply_model_wrapper`, outside the network's forward, so that `torch.compile` (ComfyUI's
+TorchCompileModel) traces every family's forward as one graph: the forward then receives a `LuminaStep` and only
+computes, reading its tables from the text's cache.
 
 Nothing here imports ComfyUI, so the conversion, the wrappers and the cache are tested without it.
 """
@@ -25,7 +26,7 @@ import torch
 from lumina_core.families import LUMINA_T2I, family_of
 from lumina_core.models.blocks import LuminaDiT, TextContext
 from lumina_core.models.flag_dit import FlagDiT
-from lumina_core.models.next_dit import NextDiT
+from lumina_core.models.next_dit import NextDiT, decide_rope_factors
 from lumina_core.models.unified_next_dit import UnifiedNextDiT
 from lumina_core.sampling.loop import EXTRAPOLATIONS
 
@@ -112,8 +113,8 @@ def _extrapolation_mode(options: dict, default: str) -> str:
 def make_step(dit, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
               attention_mask: Optional[torch.Tensor], transformer_options: dict) -> LuminaStep:
     """The LuminaStep of one call: t from the network sigma, the text from the generation's cache (or prepared
-    now when there is none), and the step's extrapolation with its RoPE table computed ahead, so that the forward
-    only reads it."""
+    now when there is none), and the step's extrapolation (the Next-DiT's time-aware switch decided at t) with the
+    RoPE tables of this size computed ahead into the text's cache, so that the forward only reads them."""
     options = transformer_options or {}
     network_sigma = options.get(NETWORK_SIGMA_OPTION)
     if network_sigma is not None:
@@ -130,13 +131,22 @@ def make_step(dit, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
     # One sampling step shares one t across the batch; time-aware extrapolation switches on it.
     family = family_of(dit)
     mode = _extrapolation_mode(options, family.defaults.extrapolation)
-    extra = family.extrapolation_kwargs(mode, x.shape[-2], x.shape[-1], float(t.reshape(-1)[0]),
-                                        family.defaults.watershed)
+    step_t = float(t.reshape(-1)[0])
+    extra = family.extrapolation_kwargs(mode, x.shape[-2], x.shape[-1], step_t, family.defaults.watershed)
+    p = dit.config.patch_size
+    rows, cols = x.shape[-2] // p, x.shape[-1] // p
     if isinstance(dit, FlagDiT):
-        p = dit.config.patch_size
-        seq_len = (x.shape[-2] // p) * (x.shape[-1] // p + 1)  # patches plus one end-of-line token per row
+        seq_len = rows * (cols + 1)  # patches plus one end-of-line token per row
         dit.rope(seq_len, ntk_factor=extra.get("ntk_factor", 1.0),
                  rope_scaling_factor=extra.get("rope_scaling_factor"), device=x.device, cache=text.rope_cache)
+    elif isinstance(dit, NextDiT):
+        # The float the forward would read off t: the factors it would choose, as plain numbers.
+        extra = decide_rope_factors(extra, step_t)
+        dit.rope(rows, cols, ntk_factor=extra.get("ntk_factor", 1.0), linear_factor=extra.get("linear_factor", 1.0),
+                 device=x.device, cache=text.rope_cache)
+    elif isinstance(dit, UnifiedNextDiT):
+        dit.rope_tables(x.device, text.rope_cache)
+        dit.image_grid(rows, cols, x.device, text.rope_cache)
     return LuminaStep(t=t, text=text, extrapolation=extra)
 
 

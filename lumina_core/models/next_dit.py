@@ -35,6 +35,21 @@ def time_aware_rope_factors(t: float, scale_factor: float, scale_watershed: floa
     return scale_factor, 1.0
 
 
+def decide_rope_factors(kwargs: dict, t: float) -> dict:
+    """The keywords of one step with the time-aware switch decided at t: scale_factor and scale_watershed replaced
+    by the ntk_factor and linear_factor they give at that t (the rest kept), so that the forward does not read t.
+
+    t is the value the forward would read, the first sample's t as a float (one t per step); keywords without a
+    scale_factor (nothing to decide) come back unchanged.
+    """
+    kwargs = dict(kwargs)
+    if "scale_factor" not in kwargs:
+        return kwargs
+    ntk, linear = time_aware_rope_factors(t, kwargs.pop("scale_factor"), kwargs.pop("scale_watershed", 1.0))
+    kwargs.update(ntk_factor=ntk, linear_factor=linear)
+    return kwargs
+
+
 def _modulate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1))
 
@@ -132,12 +147,18 @@ class NextDiT(TextConditionedDiT):
         scale_watershed: float = 1.0,
         proportional_attn: bool = False,
         base_seqlen: Optional[int] = None,
+        ntk_factor: Optional[float] = None,
+        linear_factor: Optional[float] = None,
     ) -> torch.Tensor:
         """Velocity (data - noise) of the in_channels latent channels, in x's dtype.
 
         The keywords mean what they mean in the original `forward_with_cfg`: RoPE scaling by scale_factor, linear
         while t < scale_watershed and NTK from it on (t of the first sample: one t per step); proportional attention
         scales the self-attention logits by sqrt(log_base_seqlen(N) / head_dim) for N image tokens.
+
+        ntk_factor and linear_factor give the RoPE scaling already decided (`decide_rope_factors`), instead of
+        scale_factor and scale_watershed: the forward then does not read t to choose (no graph break under
+        torch.compile). Either form, not both.
         """
         text = self.prepare_text(cap_feats, cap_mask)
         return self.forward_with_text(
@@ -148,6 +169,8 @@ class NextDiT(TextConditionedDiT):
             scale_watershed=scale_watershed,
             proportional_attn=proportional_attn,
             base_seqlen=base_seqlen,
+            ntk_factor=ntk_factor,
+            linear_factor=linear_factor,
         )
 
     def forward_with_text(
@@ -160,6 +183,8 @@ class NextDiT(TextConditionedDiT):
         scale_watershed: float = 1.0,
         proportional_attn: bool = False,
         base_seqlen: Optional[int] = None,
+        ntk_factor: Optional[float] = None,
+        linear_factor: Optional[float] = None,
     ) -> torch.Tensor:
         cfg = self.config
         b, _, h, w = x.shape
@@ -167,7 +192,20 @@ class NextDiT(TextConditionedDiT):
         out_dtype = x.dtype
         dtype = self.get_compute_dtype()
 
-        ntk, linear = time_aware_rope_factors(float(t.reshape(-1)[0]), scale_factor, scale_watershed)
+        if ntk_factor is not None or linear_factor is not None:
+            if scale_factor != 1.0:
+                raise ValueError(
+                    "give the RoPE scaling either as scale_factor/scale_watershed (decided at t) or as "
+                    "ntk_factor/linear_factor (already decided), not both"
+                )
+            ntk = 1.0 if ntk_factor is None else ntk_factor
+            linear = 1.0 if linear_factor is None else linear_factor
+        elif scale_factor == 1.0:
+            ntk, linear = 1.0, 1.0  # no scaling either side of the watershed: t need not be read
+        else:
+            # Reads t (a tensor -> Python float: a graph break under torch.compile, where the caller decides the
+            # switch ahead with decide_rope_factors).
+            ntk, linear = time_aware_rope_factors(float(t.reshape(-1)[0]), scale_factor, scale_watershed)
         rows, cols = h // cfg.patch_size, w // cfg.patch_size
         cos, sin = self.rope(rows, cols, ntk_factor=ntk, linear_factor=linear, device=x.device, cache=text.rope_cache)
         if proportional_attn:
@@ -188,7 +226,9 @@ def next_dit_extrapolation_kwargs(mode: str, latent_h: int, latent_w: int, t: fl
     "time_aware" (its default): proportional attention with base_seqlen (1024/16)^2 = 4096 image tokens, and, only
     for images larger than the trained 1024x1024 area, scale_factor = sqrt(W*H)/1024 with the given watershed (the
     model switches from linear to NTK RoPE scaling there). "t2i": the same scale as NTK at every step, as Lumina-T2I
-    scales (no time-aware switch). "off": the plain model. t is unused: the Next-DiT reads it itself.
+    scales (no time-aware switch). "off": the plain model. t is unused: the keywords are the demo's, which the
+    Next-DiT's forward decides at its t; `decide_rope_factors(kwargs, t)` decides them ahead (what the ComfyUI MODEL
+    path does, so that a compiled forward does not read t).
     """
     if mode == "off":
         return {}

@@ -179,6 +179,13 @@ class UnifiedNextDiT(LuminaDiT):
     def rope_tables(self, device, cache=None):
         return cached(cache, ("tables", str(device)), lambda: rope_3d_tables(self.config, device))
 
+    def image_grid(self, rows: int, cols: int, device, cache=None) -> torch.Tensor:
+        """(row, column) of every image patch, [rows*cols, 2] int64, row by row."""
+        return cached(cache, ("grid", rows, cols, str(device)), lambda: torch.stack(
+            torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij"),
+            dim=-1,
+        ).reshape(rows * cols, 2))
+
     def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> JointText:
         """The caption embedding and the context refiners: everything the model derives from the text alone."""
         cfg = self.config
@@ -261,10 +268,7 @@ class UnifiedNextDiT(LuminaDiT):
         c = self.t_embedder(t, dtype)
 
         # The image alone: (cap_len, r, c) positions, the noise refiners.
-        grid = cached(text.rope_cache, ("grid", rows, cols, str(device)), lambda: torch.stack(
-            torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij"),
-            dim=-1,
-        ).reshape(n_img, 2))
+        grid = self.image_grid(rows, cols, device, text.rope_cache)
         img_pos = torch.cat([lengths[:, None, None].expand(b, n_img, 1), grid[None].expand(b, n_img, 2)], dim=-1)
         cos, sin = rope_3d_cos_sin(tables, img_pos)
         img = self.x_embedder(self.patchify(x.to(dtype)))
