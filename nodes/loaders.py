@@ -96,9 +96,13 @@ class LuminaDiTLoader:
                 "dit_name": (
                     model_files.diffusion_model_names(),
                     {
-                        "tooltip": "A Lumina DiT checkpoint in models/diffusion_models: the Lumina-T2I Flag-DiT, or "
+                        "tooltip": "A Lumina DiT checkpoint in models/diffusion_models: the Lumina-T2I Flag-DiT; "
                         "the Lumina-Next Next-DiT in its original (consolidated.00-of-01) or diffusers "
-                        "(diffusion_pytorch_model.safetensors) layout. The family is read from the file."
+                        "(diffusion_pytorch_model.safetensors) layout; the Lumina-Image-2.0 Unified Next-DiT as "
+                        "the original consolidated.00-of-01.pth, ComfyUI's lumina_2_model_bf16.safetensors, a "
+                        "diffusers transformer file or sharded folder (its index json). ComfyUI's all-in-one "
+                        "lumina_2.safetensors in models/checkpoints is listed too (its DiT is loaded). The family is "
+                        "read from the file."
                     },
                 ),
                 "weight_dtype": _dit_dtype_input(),
@@ -107,14 +111,14 @@ class LuminaDiTLoader:
 
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = (
-        "A native ComfyUI MODEL (rectified flow, SDXL latents, the family's shift): use it with the Lumina Sampler, "
-        "KSampler or SamplerCustomAdvanced.",
+        "A native ComfyUI MODEL (rectified flow, the family's latents (SDXL, or FLUX for Lumina-Image-2.0) and "
+        "shift): use it with the Lumina Sampler, KSampler or SamplerCustomAdvanced.",
     )
     FUNCTION = "load"
     CATEGORY = "Lumina/loaders"
     DESCRIPTION = (
-        "Loads a Lumina DiT, Flag-DiT (Lumina-T2I) or Next-DiT (Lumina-Next), found out from the file's keys, as a "
-        "ComfyUI MODEL with low-VRAM offloading and casting."
+        "Loads a Lumina DiT, Flag-DiT (Lumina-T2I), Next-DiT (Lumina-Next) or Unified Next-DiT (Lumina-Image-2.0), "
+        "found out from the file's keys, as a ComfyUI MODEL with low-VRAM offloading and casting."
     )
 
     def load(self, dit_name, weight_dtype):

@@ -7,14 +7,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 from typing import Callable
 
 from lumina_core import families
 from lumina_core.conditioning import is_conditioning_file
+from lumina_core.weights.layouts import find_layout
+from lumina_core.weights.tensor_io import SafetensorsFile, WeightsFileError, find_index
 
 from .comfy_env import IN_COMFYUI, folder_paths
 
 DIFFUSION_MODELS = "diffusion_models"
+CHECKPOINTS = "checkpoints"
 TEXT_ENCODERS = "text_encoders"
 CHECKPOINT_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
 _LLAMA_SEARCH_DEPTH = 3
@@ -36,11 +40,11 @@ def model_folders(kind: str) -> list[str]:
     return [os.path.join(os.environ.get("LUMINA_MODELS_DIR", "models"), kind)]
 
 
-def diffusion_model_names() -> list[str]:
+def _model_file_names(kind: str) -> list[str]:
     if IN_COMFYUI:
-        return folder_paths.get_filename_list(DIFFUSION_MODELS)
+        return list(folder_paths.get_filename_list(kind))
     names = set()
-    for root in model_folders(DIFFUSION_MODELS):
+    for root in model_folders(kind):
         for dirpath, _dirs, files in os.walk(root, followlinks=True):
             for f in files:
                 if f.lower().endswith(CHECKPOINT_EXTENSIONS):
@@ -48,14 +52,64 @@ def diffusion_model_names() -> list[str]:
     return sorted(names)
 
 
-def diffusion_model_path(name: str) -> str:
-    if IN_COMFYUI:
-        return folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, name)
-    for root in model_folders(DIFFUSION_MODELS):
+def _find_file(kind: str, name: str):
+    for root in model_folders(kind):
         path = os.path.join(root, _safe_relative(name))
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"Flag-DiT checkpoint {name!r} not found in {model_folders(DIFFUSION_MODELS)}")
+    return None
+
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+_all_in_one_cache: dict = {}
+
+
+def _is_lumina_all_in_one(path: str) -> bool:
+    """Whether a checkpoints-folder file holds a Lumina DiT (ComfyUI's all-in-one lumina_2.safetensors), read from
+    its key names (cached by size and time)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _all_in_one_cache:
+        found = None
+        if path.endswith(".safetensors"):
+            try:
+                found = find_layout(SafetensorsFile(Path(path)).keys)
+            except (WeightsFileError, OSError):
+                found = None
+        _all_in_one_cache[key] = found is not None
+    return _all_in_one_cache[key]
+
+
+def diffusion_model_names() -> list[str]:
+    """The DiT files: those in the diffusion_models folders (a sharded checkpoint as its index json) and the
+    all-in-one files in the checkpoints folders that hold a Lumina DiT."""
+    names = set()
+    for name in _model_file_names(DIFFUSION_MODELS):
+        if _SHARD.search(name):
+            path = _find_file(DIFFUSION_MODELS, name)
+            index = find_index(Path(path).parent) if path else None
+            if index is not None:
+                name = f"{os.path.dirname(name)}/{index.name}".lstrip("/")
+        names.add(name)
+    for name in _model_file_names(CHECKPOINTS):
+        path = _find_file(CHECKPOINTS, name)
+        if path and name not in names and _is_lumina_all_in_one(path):
+            names.add(name)
+    return sorted(names)
+
+
+def diffusion_model_path(name: str) -> str:
+    for kind in (DIFFUSION_MODELS, CHECKPOINTS):
+        path = _find_file(kind, name)
+        if path:
+            return path
+    raise FileNotFoundError(
+        f"DiT checkpoint {name!r} not found in {model_folders(DIFFUSION_MODELS)} (nor, for all-in-one files, in "
+        f"{model_folders(CHECKPOINTS)})"
+    )
 
 
 def _safe_relative(name: str) -> str:
