@@ -24,6 +24,7 @@ from .models.flag_dit import family_extrapolation as t2i_extrapolation
 from .models.next_dit import NextDiT, next_dit_extrapolation_kwargs
 from .models.unified_next_dit import UnifiedNextDiT, unified_next_dit_extrapolation_kwargs
 from .sampling.loop import SamplingDefaults
+from .text import single_file
 from .weights.dit_files import _check_path, load_dit_file, read_dit_config
 from .weights.layouts import CheckpointError, describe_foreign, find_layout
 from .weights.tensor_io import open_tensor_file
@@ -208,7 +209,11 @@ def load_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device="cpu
 
 
 class TextEncoderFolderError(ValueError):
-    """A folder that holds no text encoder of a known family, with what it holds instead."""
+    """A folder or file that holds no text encoder of a known family, with what it holds instead."""
+
+
+def _text_encoder_sources() -> str:
+    return " or ".join(f.text_encoder_source for f in FAMILIES.values())
 
 
 def read_folder_config(folder) -> dict:
@@ -219,7 +224,7 @@ def read_folder_config(folder) -> dict:
     if not path.is_file():
         raise TextEncoderFolderError(
             f"No config.json in {folder}: a text encoder is loaded from a whole Hugging Face folder (config.json, "
-            f"tokenizer files, weights), e.g. {LUMINA_T2I.text_encoder_source} or {LUMINA_NEXT.text_encoder_source}"
+            f"tokenizer files, weights), e.g. {_text_encoder_sources()}"
         )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -230,34 +235,69 @@ def read_folder_config(folder) -> dict:
     return config
 
 
-def text_encoder_family(folder) -> Family:
-    """The family whose text encoder the Hugging Face folder holds, from its config.json."""
-    config = read_folder_config(folder)
-    for family in FAMILIES.values():
-        if family.matches_text_encoder(config):
-            return family
+def _family_of_config(config: dict) -> Optional[Family]:
+    return next((f for f in FAMILIES.values() if f.matches_text_encoder(config)), None)
+
+
+def _file_family(path: Path) -> Family:
+    """The family whose text encoder the single file at `path` holds, told from its keys (header only)."""
+    st = single_file.open_weights(path, TextEncoderFolderError)
+    model_type = single_file.model_type_of_file(st)
+    family = _family_of_config({"model_type": model_type}) if model_type else None
+    if family is not None and single_file.loadable_layout(st) is not None:
+        return family
+    if family is None:
+        what = f"a {model_type!r} model" if model_type else f"no known text encoder (first keys: {st.keys[:4]})"
+        raise TextEncoderFolderError(
+            f"{path} holds {what}, which is no Lumina text encoder. A text encoder is {_text_encoder_sources()}."
+        )
+    if any(layout.model_type == model_type for layout in single_file.LAYOUTS):
+        raise TextEncoderFolderError(
+            f"{path} holds {family.text_encoder_title} weights but not in a complete single-file layout (no "
+            f"tokenizer in it: a weights file of a Hugging Face folder?). Choose {family.text_encoder_source}."
+        )
+    raise TextEncoderFolderError(
+        f"{path} holds {family.text_encoder_title} ({family.title}'s text encoder) as a single file, which this pack "
+        f"does not load: choose {family.text_encoder_source} (config.json, tokenizer files and weights kept "
+        f"together, in models/text_encoders)."
+    )
+
+
+def text_encoder_family(path) -> Family:
+    """The family whose text encoder `path` holds: a Hugging Face folder (from its config.json), or a single file
+    (ComfyUI's gemma_2_2b_fp16.safetensors or all-in-one lumina_2.safetensors, from its keys)."""
+    if Path(path).is_file():
+        return _file_family(Path(path))
+    config = read_folder_config(path)
+    family = _family_of_config(config)
+    if family is not None:
+        return family
     model_type = config.get("model_type") or ", ".join(config.get("architectures") or []) or "unknown"
     wanted = "; ".join(f"{f.title}: {f.text_encoder_title}" for f in FAMILIES.values())
     raise TextEncoderFolderError(
-        f"{folder} holds a {model_type!r} model, which is no Lumina text encoder ({wanted}). Choose the folder of "
+        f"{path} holds a {model_type!r} model, which is no Lumina text encoder ({wanted}). Choose the folder of "
         f"the text encoder your DiT was trained with."
     )
 
 
-def is_text_encoder_folder(folder) -> bool:
-    """Whether `folder` holds a config.json of a known family's text encoder (for folder lists; never raises)."""
+def is_text_encoder_folder(path) -> bool:
+    """Whether `path` is a folder or single file holding a known family's text encoder that can be loaded as it is
+    (for the model lists; reads config.json or a safetensors header only; never raises)."""
     try:
-        text_encoder_family(folder)
+        text_encoder_family(path)
     except (TextEncoderFolderError, OSError):
         return False
     return True
 
 
-def load_text_encoder(folder, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
-    """Load the text encoder in `folder` with the class of its family (LLaMA-2 or Gemma), chosen by config.json."""
-    family = text_encoder_family(folder)
-    logger.info("%s holds the %s text encoder of %s", folder, family.text_encoder_title, family.title)
-    return family.text_encoder_class().from_folder(os.fspath(folder), dtype=dtype, device=device)
+def load_text_encoder(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs):
+    """Load the text encoder at `path` (a folder or a single file) with the class of its family (LLaMA-2, Gemma or
+    Gemma-2), chosen by config.json or the file's keys. kwargs (compute_dtype, linear_cls) go to the loader."""
+    family = text_encoder_family(path)
+    logger.info("%s holds the %s text encoder of %s", path, family.text_encoder_title, family.title)
+    encoder_class = family.text_encoder_class()
+    load = encoder_class.from_file if Path(path).is_file() else encoder_class.from_folder
+    return load(os.fspath(path), dtype=dtype, device=device, **kwargs)
 
 
 def check_same_family(dit_family: Family, text_family: Family, what: str = "text conditioning") -> None:

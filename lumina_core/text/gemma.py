@@ -52,18 +52,23 @@ _GET_GEMMA = (
     "pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers) next to its tokenizer folder."
 )
 
-# What other text-encoder folders are, for the refusal message (keyed by config.json model_type).
+# What each text encoder is, for the refusal messages of the Gemma encoders (keyed by config.json model_type).
 _T5 = "T5 is the text encoder used by other models such as SD3/Flux/PixArt"
 _CLIP = "CLIP is the text encoder of SD1.x/SDXL (and a helper of SD3/Flux)"
 _GEMMA3 = "Gemma-3 is the text encoder of no Lumina model this pack runs"
-_OTHER_ENCODERS = {
+OTHER_ENCODERS = {
     "llama": (
         "LLaMA is the text encoder of Lumina-T2I (meta-llama/Llama-2-7b-hf): load it with LlamaTextEncoder (in "
         "ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-T2I (Flag-DiT) model"
     ),
+    "gemma": (
+        "Gemma (the first generation, google/gemma-2b) is the text encoder of Lumina-Next: load it with "
+        "GemmaTextEncoder (in ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-Next (Next-DiT) model"
+    ),
     "gemma2": (
-        "Gemma-2 is the text encoder of Lumina-Image-2.0 (gemma-2-2b), which ComfyUI's own nodes run, not of "
-        "Lumina-Next, which was trained on the first Gemma"
+        "Gemma-2 is the text encoder of Lumina-Image-2.0 (google/gemma-2-2b): load it with Gemma2TextEncoder (in "
+        "ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-Image-2.0 model, not with Lumina-Next, "
+        "which was trained on the first Gemma"
     ),
     "gemma3": _GEMMA3,
     "gemma3_text": _GEMMA3,
@@ -107,7 +112,7 @@ def _check_gemma_config(folder: str) -> None:
         what = f"model_type {raw.get('model_type')!r}" if raw.get("model_type") else "no model_type"
         if raw.get("architectures"):
             what += f", architectures {list(raw['architectures'])}"
-        known = _OTHER_ENCODERS.get(model_type)
+        known = OTHER_ENCODERS.get(model_type)
         detail = f"{known}. " if known else ""
         raise TextEncoderError(
             f"{folder} holds a model that is not Gemma-2B ({what} in config.json). {detail}{_GET_GEMMA}"
@@ -118,9 +123,10 @@ def _has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model"))
 
 
-def _tokenizer_folder(folder: str) -> str:
-    """Where the tokenizer files are: the folder itself (google/gemma-2b), or, for the `text_encoder` folder of a
-    diffusers pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers), its sibling `tokenizer` folder."""
+def pipeline_tokenizer_folder(folder: str, source: str = GEMMA_2B) -> str:
+    """Where the tokenizer files are: the folder itself (a copy of `source`), or, for the `text_encoder` folder of a
+    diffusers pipeline (Alpha-VLLM/Lumina-Next-SFT-diffusers, Alpha-VLLM/Lumina-Image-2.0's), its sibling
+    `tokenizer` folder."""
     if _has_tokenizer(folder):
         return folder
     parent = os.path.dirname(os.path.abspath(folder))
@@ -128,7 +134,7 @@ def _tokenizer_folder(folder: str) -> str:
     if os.path.isfile(os.path.join(parent, "model_index.json")) and _has_tokenizer(sibling):
         logger.info("Using the tokenizer of the diffusers pipeline folder %s for %s", sibling, folder)
         return sibling
-    check_tokenizer_files(folder, GEMMA_2B)  # raises, naming the folder and what to put there
+    check_tokenizer_files(folder, source)  # raises, naming the folder and what to put there
     return folder
 
 
@@ -158,7 +164,7 @@ class GemmaTextEncoder(HFTextEncoder):
     def tokenizer_folder(cls, folder: str) -> str:
         """The folder itself (google/gemma-2b), or, for the `text_encoder` folder of a diffusers pipeline
         (Alpha-VLLM/Lumina-Next-SFT-diffusers), its sibling `tokenizer` folder."""
-        return _tokenizer_folder(folder)
+        return pipeline_tokenizer_folder(folder)
 
     @classmethod
     def load_tokenizer(cls, folder: str):
@@ -180,7 +186,7 @@ class GemmaTextEncoder(HFTextEncoder):
 
     @classmethod
     def rebuild_buffers(cls, model, device: torch.device) -> None:
-        _rebuild_embed_scale(model, device)
+        rebuild_embed_scale(model, device)
         rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
 
     def tokenize(self, prompts: str | Sequence[str], *, max_tokens: int | None = None):
@@ -191,33 +197,7 @@ class GemmaTextEncoder(HFTextEncoder):
         longest row rounded up to a multiple of 8. All prompts of one call share L, as the original's
         [prompt, negative] call does.
         """
-        prompts = as_prompt_list(prompts)
-        limit = MAX_TOKENS if max_tokens is None else max_tokens
-        if limit < PAD_TO_MULTIPLE_OF or limit % PAD_TO_MULTIPLE_OF:
-            # The original's tokenizer refuses a max_length that padding to a multiple of 8 would exceed.
-            raise ValueError(
-                f"max_tokens must be a positive multiple of {PAD_TO_MULTIPLE_OF} (the original pads to multiples "
-                f"of {PAD_TO_MULTIPLE_OF} and cuts at {MAX_TOKENS}), got {max_tokens}"
-            )
-        bos, pad = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
-        pieces = self.tokenizer(prompts, add_special_tokens=False, truncation=False)["input_ids"]
-        rows = []
-        for i, text_ids in enumerate(pieces):
-            row = [bos, *text_ids]
-            if len(row) > limit:
-                logger.warning(
-                    "Prompt %d has %d tokens (BOS included); Lumina-Next reads at most %d, %d tokens dropped.",
-                    i,
-                    len(row),
-                    limit,
-                    len(row) - limit,
-                )
-                row = row[:limit]
-            rows.append(row)
-
-        longest = max(len(row) for row in rows)
-        length = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
-        return right_padded(rows, pad_id=pad, length=length)
+        return bos_token_rows(self.tokenizer, as_prompt_list(prompts), max_tokens=max_tokens, reader="Lumina-Next")
 
     def encode(self, prompts: str | Sequence[str], *, max_tokens: int | None = None, output_device=None):
         """Caption features [B, L, hidden] (float32) and mask [B, L] (bool), both on output_device (default CPU).
@@ -232,22 +212,61 @@ class GemmaTextEncoder(HFTextEncoder):
         results to a common length with mask False gives the DiT exactly the joint call's input.
         """
         ids, mask = self.tokenize(prompts, max_tokens=max_tokens)
-        device = self.device
-        # no_grad rather than inference_mode: the features stay ordinary tensors that callers may use anywhere.
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device=device, dtype=torch.long),  # as the tokenizer returns it
-                output_hidden_states=True,
-                use_cache=False,
+        return penultimate_features(self.model, ids, mask, output_device)
+
+
+def bos_token_rows(tokenizer, texts: list[str], *, max_tokens: int | None, reader: str):
+    """The original's tokenizer call done by hand: ids [B, L] (int64) and mask [B, L] (bool) of [BOS] + each text's
+    tokens, no EOS, cut to max_tokens ids (default 256, BOS included) with a warning naming what `reader` (the model
+    that reads the features) loses, right padded with <pad> to the longest row rounded up to a multiple of 8."""
+    limit = MAX_TOKENS if max_tokens is None else max_tokens
+    if limit < PAD_TO_MULTIPLE_OF or limit % PAD_TO_MULTIPLE_OF:
+        # The original's tokenizer refuses a max_length that padding to a multiple of 8 would exceed.
+        raise ValueError(
+            f"max_tokens must be a positive multiple of {PAD_TO_MULTIPLE_OF} (the original pads to multiples "
+            f"of {PAD_TO_MULTIPLE_OF} and cuts at {MAX_TOKENS}), got {max_tokens}"
+        )
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    rows = []
+    for i, text_ids in enumerate(pieces):
+        row = [bos, *text_ids]
+        if len(row) > limit:
+            logger.warning(
+                "Prompt %d has %d tokens (BOS included); %s reads at most %d, %d tokens dropped.",
+                i,
+                len(row),
+                reader,
+                limit,
+                len(row) - limit,
             )
-            # (embeddings, layer 1, ..., layer n-1, norm(layer n)): [-2] is layer n-1's output, before any norm.
-            hidden = out.hidden_states[-2]
-        out_device = torch.device("cpu") if output_device is None else torch.device(output_device)
-        return hidden.to(device=out_device, dtype=torch.float32), mask.to(out_device)
+            row = row[:limit]
+        rows.append(row)
+
+    longest = max(len(row) for row in rows)
+    length = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+    return right_padded(rows, pad_id=pad, length=length)
 
 
-def _rebuild_embed_scale(model: GemmaModel, device: torch.device) -> None:
+def penultimate_features(model, ids: torch.Tensor, mask: torch.Tensor, output_device=None):
+    """`hidden_states[-2]` of a Gemma decoder run with the attention mask, as float32 on output_device (default CPU),
+    and the mask beside it; the model runs where its parameters are."""
+    device = model.embed_tokens.weight.device
+    # no_grad rather than inference_mode: the features stay ordinary tensors that callers may use anywhere.
+    with torch.no_grad():
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device=device, dtype=torch.long),  # as the tokenizer returns it
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        # (embeddings, layer 1, ..., layer n-1, norm(layer n)): [-2] is layer n-1's output, before any norm.
+        hidden = out.hidden_states[-2]
+    out_device = torch.device("cpu") if output_device is None else torch.device(output_device)
+    return hidden.to(device=out_device, dtype=torch.float32), mask.to(out_device)
+
+
+def rebuild_embed_scale(model, device: torch.device) -> None:
     """Re-create the embedding's non-persistent sqrt(hidden_size) scale, still on the meta device after loading.
 
     Computed on the CPU in float32 as a normally constructed GemmaModel does (the forward casts it to the weights'
