@@ -30,6 +30,8 @@ _EXPORTS = {
     "FLAG_DIT_TINY": "models.config",
     "LlamaTextEncoder": "text.llama",
     "GemmaTextEncoder": "text.gemma",
+    "Gemma2TextEncoder": "text.gemma2",
+    "SYSTEM_PROMPTS": "text.gemma2",
     "LuminaT2IPipeline": "pipeline",
     "LuminaT2IPipelineOutput": "pipeline",
 }
