@@ -1,5 +1,5 @@
-"""The Lumina ODE solvers as a ComfyUI sampler function, for any flow model; and Lumina's faithful guidance on
-ComfyUI's denoised predictions.
+"""The Lumina ODE solvers as a ComfyUI sampler function, for any flow model; and Lumina's guidance on ComfyUI's
+denoised predictions (Lumina-T2I's faithful channels, Lumina-Image-2.0's CFG truncation and renormalisation).
 
 ComfyUI's samplers call model(x, sigma) and get the *denoised* prediction. For a flow model
 (x = sigma*noise + (1-sigma)*data) the Lumina velocity at t = 1 - sigma is v = (denoised - x) / sigma
@@ -14,6 +14,10 @@ computes in its own dtype). The transformer option NETWORK_SIGMA_OPTION = 0 goes
 at exactly sigma = 0 while ComfyUI scales its output by the floor, so its velocity is the core's. Any other flow
 model is evaluated at the floor itself, t = 1 - 1e-6.
 
+"dpm" (Lumina-Image-2.0's flow DPM-Solver++ 2M) runs here on whatever SIGMAS it is given, from sigma 1 or not; it
+evaluates only at the start of each step, so never at sigma = 0. The original's own grid for it (u from 1 to 0.001,
+shifted) is what the Lumina Sampler and Lumina Sigmas give with solver dpm.
+
 Nothing here imports ComfyUI (tested without it); `comfy_sampling` wraps `lumina_ode` in ComfyUI's KSAMPLER.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from lumina_core.sampling.guidance import guided_at, renorm_factor
 from lumina_core.sampling.solvers import SOLVERS, solve
 
 from .flow_model import NETWORK_SIGMA_OPTION, velocity_from_denoised
@@ -83,3 +88,19 @@ def keep_conditional_channels(guided: torch.Tensor, cond: torch.Tensor,
     """Lumina-T2I's faithful guidance on any prediction: the guided result on the first `guided_channels`
     channels, the conditional prediction on the others (linear, so the same on denoised as on velocities)."""
     return torch.cat([guided[:, :guided_channels], cond[:, guided_channels:]], dim=1)
+
+
+def guided_at_sigma(sigma: torch.Tensor, cfg_trunc: float) -> bool:
+    """Whether an evaluation at ComfyUI's sigma [B] (one value for the whole batch) is guided under CFG truncation:
+    the core's rule on its t = 1 - sigma (see `lumina_core.sampling.guidance.guided_at`)."""
+    return guided_at(1.0 - float(sigma.reshape(-1)[0]), cfg_trunc)
+
+
+def renorm_denoised(x: torch.Tensor, guided: torch.Tensor, cond: torch.Tensor, renorm_cfg: float) -> torch.Tensor:
+    """Lumina-Image-2.0's CFG renormalisation on ComfyUI's denoised predictions: denoised - x = sigma * v, so clamping
+    the velocities' norms is clamping those of guided - x against cond - x, per sample. Unclamped samples are
+    returned as they are."""
+    if not renorm_cfg > 0:
+        return guided
+    factor = renorm_factor(guided - x, cond - x, renorm_cfg)
+    return torch.where(factor < 1, x + (guided - x) * factor, guided)

@@ -1,23 +1,36 @@
 """Lumina Sampler (the original's rectified-flow sampler), Lumina Sigmas (its schedule), and its solver and
 guidance as ComfyUI parts: Lumina ODE Sampler (a SAMPLER) and Lumina CFG Guider (a GUIDER) for SamplerCustomAdvanced.
 
+cfg_trunc and renorm_cfg (Lumina-Image-2.0's CFG truncation and renormalisation) default to FAMILY_DEFAULT, which
+means the MODEL family's setting from the registry (`lumina_core.families`), neutral for a MODEL of another kind.
+
 Inside ComfyUI the Lumina Sampler is those parts run through ComfyUI's own sampling, so every patch on the MODEL
 applies; on plain Python (tests, scripts) it calls `lumina_core.sample`, which computes the same latents.
 """
 
 from __future__ import annotations
 
-from lumina_core import make_noise, sample
+import dataclasses
+
+from lumina_core import families, make_noise, sample
 from lumina_core.image.latent import to_model_space, to_vae_space
 from lumina_core.sampling.guidance import GUIDANCE_MODES
-from lumina_core.sampling.loop import EXTRAPOLATIONS
-from lumina_core.sampling.schedule import sigmas_from_time_grid, time_grid
+from lumina_core.sampling.loop import EXTRAPOLATIONS, SamplingDefaults
+from lumina_core.sampling.schedule import sampling_grid, sigmas_from_time_grid
 from lumina_core.sampling.solvers import SOLVERS
 
 from . import comfy_env, comfy_model, comfy_sampling
 from .common import check_latent, text_from_conditioning
 
 MAX_STEPS = 10000
+# cfg_trunc / renorm_cfg value meaning "the model family's default" (any negative value does).
+FAMILY_DEFAULT = -1.0
+# What a MODEL without a Lumina family gets for FAMILY_DEFAULT: always guide, no clamp.
+_NEUTRAL = {f.name: f.default for f in dataclasses.fields(SamplingDefaults) if f.name in ("cfg_trunc", "renorm_cfg")}
+SOLVER_TOOLTIP = (
+    "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second order at 1 per step), dopri5 "
+    "(adaptive), dpm (Lumina-Image-2.0's flow DPM-Solver++ 2M, 1 per step on its own schedule, steps >= 2)."
+)
 
 
 def _steps_input(default):
@@ -36,6 +49,50 @@ def _shift_input():
             "steps near noise.",
         },
     )
+
+
+def _cfg_trunc_input():
+    return (
+        "FLOAT",
+        {
+            "default": FAMILY_DEFAULT,
+            "min": FAMILY_DEFAULT,
+            "max": 100.0,
+            "step": 0.01,
+            "tooltip": "CFG truncation (Lumina-Image-2.0): guide while the evaluation's t = 1 - sigma is below this "
+            "(t = 0 noise, 1 data), then evaluate the prompt alone at half the cost. 1.0 or more: always guide; 0: "
+            "never. -1: the model family's default (Lumina-Image-2.0: 0.25, about the first two thirds of the steps "
+            "at shift 6; Lumina-T2I, Lumina-Next and other models: 1.0). ComfyUI's RenormCFG tests sigma instead.",
+        },
+    )
+
+
+def _renorm_cfg_input():
+    return (
+        "FLOAT",
+        {
+            "default": FAMILY_DEFAULT,
+            "min": FAMILY_DEFAULT,
+            "max": 100.0,
+            "step": 0.01,
+            "tooltip": "CFG renormalisation (Lumina-Image-2.0): while guiding, the guided prediction's norm per image "
+            "is clamped to this times the prompt-only prediction's norm. 0: off. -1: the model family's default "
+            "(Lumina-Image-2.0: 1.0; Lumina-T2I, Lumina-Next and other models: 0, off).",
+        },
+    )
+
+
+def family_setting(model, name: str, value: float) -> float:
+    """A node's cfg_trunc or renorm_cfg: the value itself, or for a negative value (FAMILY_DEFAULT) the MODEL
+    family's default from the registry; neutral (1.0, 0.0) for a MODEL that is not a Lumina one."""
+    if value >= 0:
+        return float(value)
+    dit = getattr(getattr(model, "model", None), "diffusion_model", None)
+    dit = getattr(dit, "_orig_mod", dit)  # a torch.compile'd module wraps the DiT
+    family = getattr(dit, "family", None)
+    if family in families.FAMILIES:
+        return float(getattr(families.get_family(family).defaults, name))
+    return float(_NEUTRAL[name])
 
 
 def _denoise_input():
@@ -91,7 +148,7 @@ class LuminaSampler:
                         "evaluated).",
                     },
                 ),
-                "solver": (list(SOLVERS), {"default": "euler", "tooltip": "ODE solver (dopri5 is adaptive)."}),
+                "solver": (list(SOLVERS), {"default": "euler", "tooltip": SOLVER_TOOLTIP}),
                 "shift": _shift_input(),
                 "denoise": _denoise_input(),
                 "extrapolation": (
@@ -110,6 +167,8 @@ class LuminaSampler:
                         "released demo. all: guide all 4 channels (what ComfyUI's CFG does).",
                     },
                 ),
+                "cfg_trunc": _cfg_trunc_input(),
+                "renorm_cfg": _renorm_cfg_input(),
             }
         }
 
@@ -124,7 +183,8 @@ class LuminaSampler:
     )
 
     def sample(
-        self, model, positive, negative, latent_image, seed, steps, cfg, solver, shift, denoise, extrapolation, guidance
+        self, model, positive, negative, latent_image, seed, steps, cfg, solver, shift, denoise, extrapolation, guidance,
+        cfg_trunc=FAMILY_DEFAULT, renorm_cfg=FAMILY_DEFAULT,
     ):
         dit = comfy_model.lumina_dit(model)
         raw = check_latent(latent_image)
@@ -136,6 +196,7 @@ class LuminaSampler:
             out["samples"] = self._sample_in_comfyui(
                 model, positive, negative if uncond is not None else positive, raw, latent_image.get("batch_index"),
                 seed, steps, cfg, solver, shift, denoise, extrapolation, guidance,
+                family_setting(model, "cfg_trunc", cfg_trunc), family_setting(model, "renorm_cfg", renorm_cfg),
             )
             return (out,)
         # Plain Python: nothing can patch the MODEL, so the core computes the same latents directly.
@@ -154,42 +215,62 @@ class LuminaSampler:
             init_latent=to_model_space(raw.float()).to(device) if denoise < 1.0 else None,
             extrapolation=extrapolation,
             guidance=guidance,
+            cfg_trunc=family_setting(model, "cfg_trunc", cfg_trunc),
+            renorm_cfg=family_setting(model, "renorm_cfg", renorm_cfg),
         )
         out["samples"] = to_vae_space(samples.float()).to(comfy_env.intermediate_device())
         return (out,)
 
     @staticmethod
     def _sample_in_comfyui(model, positive, negative, raw, batch_index, seed, steps, cfg, solver, shift, denoise,
-                           extrapolation, guidance):
+                           extrapolation, guidance, cfg_trunc, renorm_cfg):
         """Lumina Sigmas + Lumina CFG Guider + Lumina ODE Sampler through ComfyUI's sampling (the negative is the
         positive at cfg 1, where it is not evaluated)."""
-        sigmas = sigmas_from_time_grid(time_grid(steps, shift, denoise))
+        sigmas = sigmas_from_time_grid(sampling_grid(solver, steps, shift, denoise))
         comfy_env.check_interrupted()
         if len(sigmas) < 2:  # denoise 0: nothing to do
             return raw.clone().to(comfy_env.intermediate_device())
         latent = {"samples": raw} if batch_index is None else {"samples": raw, "batch_index": batch_index}
         return comfy_sampling.sample_with_guider(
             model, positive, negative, latent, seed=seed, sigmas=sigmas, cfg=cfg, solver=solver, guidance=guidance,
-            extrapolation=extrapolation,
+            extrapolation=extrapolation, cfg_trunc=cfg_trunc, renorm_cfg=renorm_cfg, start_from_noise=denoise >= 1.0,
         )
 
 
 class LuminaSigmas:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"steps": _steps_input(30), "shift": _shift_input(), "denoise": _denoise_input()}}
+        return {
+            "required": {
+                "steps": _steps_input(30),
+                "shift": _shift_input(),
+                "denoise": _denoise_input(),
+                "solver": (
+                    list(SOLVERS),
+                    {
+                        "default": "euler",
+                        "tooltip": "The solver the sigmas are for. dpm: Lumina-Image-2.0's own DPM-Solver schedule "
+                        "(from 1 - 0.001 shifted to exactly 0, steps >= 2), as the Lumina Sampler uses with dpm; "
+                        "ComfyUI starts it from noise scaled by the first sigma (0.99983 at shift 6), about 1e-4 "
+                        "from the original's plain noise, which the Lumina Sampler keeps. Every other solver: the "
+                        "shifted uniform schedule.",
+                    },
+                ),
+            }
+        }
 
     RETURN_TYPES = ("SIGMAS",)
     OUTPUT_TOOLTIPS = ("sigma = 1 - t of the Lumina time grid (float32, 1 = noise to 0 = data).",)
     FUNCTION = "get_sigmas"
     CATEGORY = "Lumina/sampling"
     DESCRIPTION = (
-        "The exact Lumina-T2I schedule as SIGMAS, for SamplerCustomAdvanced and ComfyUI's samplers (euler there "
-        "equals the Lumina Sampler's euler with guidance 'all')."
+        "The exact Lumina schedule as SIGMAS, for SamplerCustomAdvanced and ComfyUI's samplers (euler there "
+        "equals the Lumina Sampler's euler with guidance 'all'); with solver dpm, the schedule of Lumina-Image-2.0's "
+        "dpm for the Lumina ODE Sampler's dpm."
     )
 
-    def get_sigmas(self, steps, shift, denoise):
-        return (sigmas_from_time_grid(time_grid(steps, shift, denoise)),)
+    def get_sigmas(self, steps, shift, denoise, solver="euler"):
+        return (sigmas_from_time_grid(sampling_grid(solver, steps, shift, denoise)),)
 
 
 def _tolerance_input(default: float, minimum: float, what: str):
@@ -216,7 +297,9 @@ class LuminaODESampler:
                     {
                         "default": "euler",
                         "tooltip": "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second "
-                        "order at 1 per step), dopri5 (adaptive: the SIGMAS set only start and end).",
+                        "order at 1 per step), dopri5 (adaptive: the SIGMAS set only start and end), dpm "
+                        "(Lumina-Image-2.0's flow DPM-Solver++ 2M, 1 per step, on any SIGMAS; its original "
+                        "schedule: Lumina Sigmas with solver dpm).",
                     },
                 ),
                 "rtol": _tolerance_input(1e-3, 1e-8, "relative tolerance"),
@@ -273,6 +356,8 @@ class LuminaCFGGuider:
                         "time_aware or off, as in the Lumina Sampler.",
                     },
                 ),
+                "cfg_trunc": _cfg_trunc_input(),
+                "renorm_cfg": _renorm_cfg_input(),
             }
         }
 
@@ -281,10 +366,14 @@ class LuminaCFGGuider:
     FUNCTION = "get_guider"
     CATEGORY = "Lumina/sampling"
     DESCRIPTION = (
-        "Classifier-free guidance with Lumina's three-channel (faithful) mode, through ComfyUI's cfg steps so a "
-        "MODEL's cfg function and post-CFG patches still apply. With Lumina Sigmas and Lumina ODE Sampler in "
-        "SamplerCustomAdvanced it gives exactly what the Lumina Sampler gives."
+        "Classifier-free guidance with Lumina's three-channel (faithful) mode and Lumina-Image-2.0's CFG truncation "
+        "and renormalisation, through ComfyUI's cfg steps so a MODEL's cfg function and post-CFG patches still "
+        "apply. With Lumina Sigmas and Lumina ODE Sampler in SamplerCustomAdvanced it gives what the Lumina Sampler "
+        "gives (exactly; with dpm up to ComfyUI's scaling of the starting noise, see Lumina Sigmas)."
     )
 
-    def get_guider(self, model, positive, negative, cfg, guidance, extrapolation):
-        return (comfy_sampling.cfg_guider(model, positive, negative, cfg, guidance, extrapolation),)
+    def get_guider(self, model, positive, negative, cfg, guidance, extrapolation, cfg_trunc=FAMILY_DEFAULT,
+                   renorm_cfg=FAMILY_DEFAULT):
+        return (comfy_sampling.cfg_guider(model, positive, negative, cfg, guidance, extrapolation,
+                                          family_setting(model, "cfg_trunc", cfg_trunc),
+                                          family_setting(model, "renorm_cfg", renorm_cfg)),)

@@ -1,4 +1,6 @@
-"""Classifier-free guidance and the batching of text conditions (SPEC.md §5)."""
+"""Classifier-free guidance and the batching of text conditions (SPEC.md §5), with Lumina-Image-2.0's CFG truncation
+and renormalisation (SPEC.md §9; `NextDiT.forward_with_cfg` of github:Alpha-VLLM/Lumina-Image-2.0 models/model.py).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +23,39 @@ def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg: float, mode: str = 
         guided = v_uncond[:, :3] + cfg * (v_cond[:, :3] - v_uncond[:, :3])
         return torch.cat([guided, v_cond[:, 3:]], dim=1)
     raise ValueError(f"unknown guidance mode {mode!r}; choose one of {', '.join(GUIDANCE_MODES)}")
+
+
+def guided_at(t: float, cfg_trunc: float) -> bool:
+    """Whether an evaluation at time t (0 = noise, 1 = data) is guided under CFG truncation: while t < cfg_trunc, the
+    time of that evaluation itself (a midpoint half step's own t), as the original tests the model input.
+    Afterwards the original evaluates the conditional branch only. cfg_trunc >= 1 guides always, t = 1 included:
+    the only difference from the original, whose "always" is its default 100."""
+    return cfg_trunc >= 1.0 or t < cfg_trunc
+
+
+def renorm_factor(guided: torch.Tensor, cond: torch.Tensor, renorm_cfg: float) -> torch.Tensor:
+    """Per-sample factor [B, 1, ...] of the CFG renormalisation: renorm_cfg * |cond| / |guided| where
+    |guided| >= renorm_cfg * |cond| (norms over all but the batch axis), else 1. renorm_cfg <= 0: all ones.
+
+    Any pair of predictions proportional per sample to the velocities works: ComfyUI's denoised minus x, say.
+    """
+    shape = (guided.shape[0],) + (1,) * (guided.ndim - 1)
+    if not renorm_cfg > 0:
+        return torch.ones(shape, dtype=guided.dtype, device=guided.device)
+    dims = tuple(range(1, guided.ndim))
+    max_norm = torch.linalg.vector_norm(cond.float(), dim=dims, keepdim=True) * float(renorm_cfg)
+    norm = torch.linalg.vector_norm(guided.float(), dim=dims, keepdim=True)
+    clamp = (norm >= max_norm) & (norm > 0)
+    return torch.where(clamp, max_norm / norm.clamp_min(torch.finfo(torch.float32).tiny), 1.0).to(guided.dtype)
+
+
+def renorm(guided: torch.Tensor, cond: torch.Tensor, renorm_cfg: float) -> torch.Tensor:
+    """Lumina-Image-2.0's CFG renormalisation: the guided velocity's norm per sample clamped to renorm_cfg times the
+    conditional velocity's, v <- v * renorm_cfg * |c| / |v| where |v| >= renorm_cfg * |c| (a clamp, not a rescale;
+    unchanged elsewhere). renorm_cfg <= 0 is off."""
+    if not renorm_cfg > 0:
+        return guided
+    return guided * renorm_factor(guided, cond, renorm_cfg)
 
 
 def _pad_text(feats: torch.Tensor, mask: torch.Tensor, length: int):

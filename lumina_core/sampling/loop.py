@@ -2,7 +2,9 @@
 
 Follows the sampling of `lumina_t2i/demo.py` and `lumina_next_t2i/demo.py` (Alpha-VLLM/Lumina-T2X; SPEC.md §5, §8):
 cond and uncond in one batch on the same latent, guidance, then the ODE solver; img2img as the Lumina-Next mini
-sampler. This module knows no family: `SamplingDefaults` and the extrapolation rule come from the caller.
+sampler. Lumina-Image-2.0's `sample.py` (SPEC.md §9) adds CFG truncation (the conditional branch alone once t reaches
+cfg_trunc), CFG renormalisation and the "dpm" solver on its own grid. This module knows no family:
+`SamplingDefaults` and the extrapolation rule come from the caller.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .guidance import GUIDANCE_MODES, batch_text, guide
-from .schedule import time_grid
+from .guidance import GUIDANCE_MODES, batch_text, guide, guided_at, renorm
+from .schedule import sampling_grid
 from .solvers import SOLVERS, solve
 
 # Resolution extrapolation modes (what each means is the model's rule; see lumina_core.models).
@@ -22,7 +24,8 @@ EXTRAPOLATIONS = ("t2i", "time_aware", "off")
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """The settings of a family's original demo. steps counts solver steps (the demos' 30 grid points = 29)."""
+    """The settings of a family's original demo. steps counts solver steps (the demos' 30 grid points = 29; for
+    "dpm" the original's own count, intervals)."""
 
     solver: str
     steps: int
@@ -32,6 +35,10 @@ class SamplingDefaults:
     guidance: str = "faithful"
     watershed: float = 0.3
     negative_prompt: str = ""
+    # Guide only while the evaluation's t < cfg_trunc (>= 1: always), and clamp the guided velocity's norm to
+    # renorm_cfg times the conditional one's (0: off): Lumina-Image-2.0's options; neutral for the other families.
+    cfg_trunc: float = 1.0
+    renorm_cfg: float = 0.0
 
 
 def sample(
@@ -53,6 +60,8 @@ def sample(
     rtol: float = 1e-3,
     max_evals: int = 2000,
     watershed: Optional[float] = None,
+    cfg_trunc: Optional[float] = None,
+    renorm_cfg: Optional[float] = None,
     defaults: Optional[SamplingDefaults] = None,
     extrapolation_rule: Optional[Callable[..., dict]] = None,
 ) -> torch.Tensor:
@@ -63,6 +72,12 @@ def sample(
     noise: [B, 4, h, w] Gaussian noise (see make_noise); its device and dtype are the sampler's.
     cond, uncond: (features [1 or B, L, D], mask [1 or B, L]); uncond is unused (may be None) when cfg == 1.
     init_latent: model-space latent for img2img; the start is noise*(1-t0) + init_latent*t0.
+    solver "dpm" runs on its own grid (`schedule.dpm_time_grid`: steps >= 2 intervals, one evaluation each; denoise
+    cuts it as it cuts the others).
+    cfg_trunc: an evaluation at t is guided while t < cfg_trunc (>= 1: always, t = 1 included); later ones run the
+    conditional branch alone, b rows instead of 2b. renorm_cfg > 0: the guided velocity's norm per sample (over
+    C, H, W) is clamped to renorm_cfg times the conditional velocity's (`guidance.renorm`), at every guided-phase
+    evaluation (at cfg 1 too, as the original); 0 is off.
     Settings left at None take `defaults` (a family's demo settings); extrapolation_rule(mode, latent_h, latent_w,
     t, watershed) -> the model's keywords for that step (None: no keywords, the model's plain forward). The caller
     gives both: `lumina_core.sample` fills them in from the model's family in the registry.
@@ -76,6 +91,8 @@ def sample(
     extrapolation = defaults.extrapolation if extrapolation is None else extrapolation
     guidance = defaults.guidance if guidance is None else guidance
     watershed = defaults.watershed if watershed is None else watershed
+    cfg_trunc = defaults.cfg_trunc if cfg_trunc is None else float(cfg_trunc)
+    renorm_cfg = defaults.renorm_cfg if renorm_cfg is None else float(renorm_cfg)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if guidance not in GUIDANCE_MODES:
@@ -84,9 +101,13 @@ def sample(
         raise ValueError(f"unknown extrapolation {extrapolation!r}; choose one of {', '.join(EXTRAPOLATIONS)}")
     if not cfg >= 0:
         raise ValueError(f"cfg must be >= 0, got {cfg!r}")
+    if not cfg_trunc >= 0:
+        raise ValueError(f"cfg_trunc must be >= 0 (1 or more: always guide), got {cfg_trunc!r}")
+    if not renorm_cfg >= 0:
+        raise ValueError(f"renorm_cfg must be >= 0 (0: off), got {renorm_cfg!r}")
     if noise.ndim != 4:
         raise ValueError(f"noise must be [batch, channels, height, width], got shape {tuple(noise.shape)}")
-    grid = time_grid(steps, shift, denoise)
+    grid = sampling_grid(solver, steps, shift, denoise)
     b, _, lh, lw = noise.shape
     device = noise.device
 
@@ -102,30 +123,37 @@ def sample(
     use_cfg = cfg != 1.0
     if use_cfg and uncond is None:
         raise ValueError("cfg != 1 needs a negative (unconditional) text condition")
-    feats, mask = batch_text([cond, uncond] if use_cfg else [cond], b, device)
-    reps = 2 if use_cfg else 1
 
     prepared = hasattr(model, "prepare_text") and hasattr(model, "forward_with_text")
-    if prepared:
-        text = model.prepare_text(feats, mask)
+    texts = {}
 
-        def velocity(xb, tb, kwargs):
-            return model.forward_with_text(xb, tb, text, **kwargs)
+    def text(with_uncond: bool):
+        # Batched [cond, uncond] text for guided evaluations, cond alone for the others; each made (and with a
+        # prepare_text model prepared) once, when first needed.
+        if with_uncond not in texts:
+            feats, mask = batch_text([cond, uncond] if with_uncond else [cond], b, device)
+            texts[with_uncond] = model.prepare_text(feats, mask) if prepared else (feats, mask)
+        return texts[with_uncond]
 
-    else:
-
-        def velocity(xb, tb, kwargs):
-            return model(xb, tb, feats, mask, **kwargs)
+    def velocity(xb, tb, with_uncond, kwargs):
+        if prepared:
+            return model.forward_with_text(xb, tb, text(with_uncond), **kwargs)
+        return model(xb, tb, *text(with_uncond), **kwargs)
 
     def fn(xt: torch.Tensor, t: float) -> torch.Tensor:
         kwargs = {} if extrapolation_rule is None else extrapolation_rule(extrapolation, lh, lw, t, watershed)
-        xb = xt.repeat(reps, 1, 1, 1) if reps > 1 else xt
-        tb = torch.full((b * reps,), t, device=device, dtype=torch.float32)
-        v = velocity(xb, tb, kwargs).to(xt.dtype)
-        if not use_cfg:
+        guiding = guided_at(t, cfg_trunc)
+        with_uncond = use_cfg and guiding
+        xb = xt.repeat(2, 1, 1, 1) if with_uncond else xt
+        tb = torch.full((xb.shape[0],), t, device=device, dtype=torch.float32)
+        v = velocity(xb, tb, with_uncond, kwargs).to(xt.dtype)
+        if not guiding:
             return v
-        v_cond, v_uncond = v.chunk(2)
-        return guide(v_cond, v_uncond, cfg, guidance)
+        v_cond = v
+        if with_uncond:
+            v_cond, v_uncond = v.chunk(2)
+            v = guide(v_cond, v_uncond, cfg, guidance)
+        return renorm(v, v_cond, renorm_cfg)
 
     with torch.no_grad():
         return solve(fn, x, grid, solver, callback=callback, atol=atol, rtol=rtol, max_evals=max_evals)

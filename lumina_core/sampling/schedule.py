@@ -6,7 +6,8 @@ sigma = 1 - t; the conversion lives in `sigmas_from_time_grid` here and in `node
 
 Follows `lumina_t2i/transport` and `demo.py` of Alpha-VLLM/Lumina-T2X (the shifted grid) and
 `lumina_next_t2i_mini/transport.py` (img2img strength), with `steps` counting solver steps as in ComfyUI (the
-originals count grid points: their 30 is 29 steps here).
+originals count grid points: their 30 is 29 steps here). The grid of the "dpm" solver is Lumina-Image-2.0's
+(`transport/dpm_solver.py`, SANA's "time_uniform_flow"), where the original's step count already means intervals.
 """
 
 from __future__ import annotations
@@ -34,6 +35,35 @@ def time_grid(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
     if denoise < 1.0:
         t = t[min(steps, int((steps + 1) * (1 - denoise))):]
     return t
+
+
+def dpm_time_grid(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
+    """Float32 grid of t for the "dpm" solver, Lumina-Image-2.0's own: u = linspace(1, 0.001, steps + 1),
+    sigma = 1 - u shifted s*sigma / (1 + (s-1)*sigma), t = 1 - sigma. It starts just after pure noise
+    (t = 1 - shift(0.999), 1.7e-4 at s = 6) and ends exactly at t = 1; `steps` intervals are `steps` model
+    evaluations, as the original's `num_sampling_steps` for dpm.
+
+    steps must be >= 2 (a two-step method; the original asserts steps >= its order). denoise < 1 cuts the grid as
+    `time_grid` does: the first int((steps + 1) * (1 - denoise)) points are dropped and the solver starts afresh
+    (first order) at the first kept point; the original has no img2img.
+    """
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"the dpm solver needs steps >= 2 (it is a two-step method), got {steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be between 0 and 1, got {denoise!r}")
+    sigma = 1.0 - torch.linspace(1.0, 0.001, steps + 1, dtype=torch.float32)
+    sigma = (shift * sigma / (1 + (shift - 1) * sigma)).flip(dims=[0])
+    t = 1.0 - sigma  # float32, as the original's model input 1 - sigma
+    if denoise < 1.0:
+        t = t[min(steps, int((steps + 1) * (1 - denoise))):]
+    return t
+
+
+def sampling_grid(solver: str, steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
+    """The time grid a solver runs on: `dpm_time_grid` for "dpm", `time_grid` for every other solver."""
+    return (dpm_time_grid if solver == "dpm" else time_grid)(steps, shift, denoise)
 
 
 def sigmas_from_time_grid(t: torch.Tensor) -> torch.Tensor:
