@@ -135,7 +135,10 @@ class LuminaTextEncoderLoader:
                     {
                         "tooltip": "A Hugging Face folder (config.json, tokenizer, weights) under "
                         "models/text_encoders: LLaMA-2-7B (Llama-2-7b-hf) for Lumina-T2I, Gemma-2B (gemma-2b) for "
-                        "Lumina-Next. The encoder is chosen from the folder's config.json."
+                        "Lumina-Next, Gemma-2-2B (gemma-2-2b) for Lumina-Image-2.0; or, for Lumina-Image-2.0, "
+                        "ComfyUI's gemma_2_2b_fp16.safetensors (models/text_encoders or models/clip) or the "
+                        "all-in-one lumina_2.safetensors (models/checkpoints). The encoder is chosen from the "
+                        "folder's config.json or the file's keys."
                     },
                 ),
                 "dtype": _text_encoder_dtype_input(),
@@ -148,8 +151,9 @@ class LuminaTextEncoderLoader:
     FUNCTION = "load"
     CATEGORY = "Lumina/loaders"
     DESCRIPTION = (
-        "Loads the text encoder of a Lumina family from a Hugging Face folder: LLaMA-2-7B (Lumina-T2I) or "
-        "Gemma-2B (Lumina-Next), recognised from its config.json."
+        "Loads the text encoder of a Lumina family: LLaMA-2-7B (Lumina-T2I), Gemma-2B (Lumina-Next) or Gemma-2-2B "
+        "(Lumina-Image-2.0) from a Hugging Face folder, recognised from its config.json, or Gemma-2-2B from ComfyUI's "
+        "single file or all-in-one checkpoint, recognised from its keys."
     )
 
     def load(self, text_encoder_folder, dtype):

@@ -136,18 +136,50 @@ def llama_folder_names() -> list[str]:
 
 
 def text_encoder_folder_names() -> list[str]:
-    """Folders under the text_encoders model folders holding the config.json of any Lumina family's text encoder."""
-    return _text_encoder_folders(families.is_text_encoder_folder)
+    """What Lumina Load Text Encoder offers: the folders under the text_encoders model folders holding the
+    config.json of any Lumina family's text encoder, the single files there holding one (ComfyUI's
+    gemma_2_2b_fp16.safetensors; inside ComfyUI this list takes in models/clip), and the all-in-one files in the
+    checkpoints folders holding one (lumina_2.safetensors, listed under the name Lumina Load DiT gives it)."""
+    names = set(_text_encoder_folders(families.is_text_encoder_folder))
+    for kind in (TEXT_ENCODERS, CHECKPOINTS):
+        for name in _model_file_names(kind):
+            path = _find_file(kind, name)
+            if path and name not in names and _holds_text_encoder(path):
+                names.add(name)
+    return sorted(names)
 
 
 def text_encoder_folder_path(name: str) -> str:
+    """The folder or file an entry of text_encoder_folder_names() names (text_encoders first, then checkpoints)."""
     roots = model_folders(TEXT_ENCODERS)
     for root in roots:
         path = os.path.join(root, _safe_relative(name))
-        if os.path.isdir(path):
+        if os.path.isdir(path) or os.path.isfile(path):
             return path
+    path = _find_file(CHECKPOINTS, name)
+    if path:
+        return path
     wanted = " or ".join(f.text_encoder_source for f in families.FAMILIES.values())
-    raise FileNotFoundError(f"Text encoder folder {name!r} not found in {roots}: put {wanted} there.")
+    raise FileNotFoundError(
+        f"Text encoder {name!r} not found in {roots} (nor, for all-in-one files, in {model_folders(CHECKPOINTS)}): "
+        f"put {wanted} there."
+    )
+
+
+_text_encoder_file_cache: dict = {}
+
+
+def _holds_text_encoder(path: str) -> bool:
+    """Whether a single file holds a text encoder that loads as it is (families.is_text_encoder_folder: the
+    safetensors header only), remembered while the file keeps its size and time."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _text_encoder_file_cache:
+        _text_encoder_file_cache[key] = families.is_text_encoder_folder(path)
+    return _text_encoder_file_cache[key]
 
 
 def _text_encoder_folders(accept: Callable[[str], bool]) -> list[str]:

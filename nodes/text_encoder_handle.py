@@ -3,6 +3,8 @@ ModelPatcher so the memory manager moves it to the GPU only while it encodes).""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lumina_core import families
@@ -55,10 +57,13 @@ def _text_encoder_dtype(choice: str, load_device: torch.device) -> torch.dtype:
 
 
 def load_text_encoder(folder: str, dtype_choice: str, family=None) -> LuminaTextEncoderHandle:
-    """The text encoder in `folder`: LLaMA-2 (Lumina-T2I), or the encoder of `family` (a lumina_core Family)."""
+    """The text encoder in `folder` (or the single file at that path): LLaMA-2 (Lumina-T2I), or the encoder of
+    `family` (a lumina_core Family)."""
     encoder_class = LlamaTextEncoder if family is None else family.text_encoder_class()
+    # ComfyUI's single files (Gemma-2) have a loader of their own; folders are Hugging Face folders.
+    load = encoder_class.from_file if os.path.isfile(folder) else encoder_class.from_folder
     if not IN_COMFYUI:
-        return LuminaTextEncoderHandle(encoder_class.from_folder(folder, dtype=plain_dtype(dtype_choice)))
+        return LuminaTextEncoderHandle(load(folder, dtype=plain_dtype(dtype_choice)))
     mm = comfy.model_management
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = _text_encoder_dtype(dtype_choice, load_device)
@@ -68,9 +73,7 @@ def load_text_encoder(folder: str, dtype_choice: str, family=None) -> LuminaText
     # The linear layers (all but a few percent of LLaMA's or Gemma's weights) become comfy.ops layers: they cast fp8
     # weights per layer, and ComfyUI's low-VRAM mode can keep some of them in system memory and stream them in.
     linear_cls = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device).Linear
-    encoder = encoder_class.from_folder(
-        folder, dtype=dtype, device=offload_device, compute_dtype=compute_dtype, linear_cls=linear_cls
-    )
+    encoder = load(folder, dtype=dtype, device=offload_device, compute_dtype=compute_dtype, linear_cls=linear_cls)
     # ModelPatcher moves the encoder to the GPU for encoding (partly, in low-VRAM mode) and back when the DiT needs
     # the memory.
     patcher = comfy.model_patcher.ModelPatcher(
@@ -80,13 +83,24 @@ def load_text_encoder(folder: str, dtype_choice: str, family=None) -> LuminaText
 
 
 def load_family_text_encoder(folder: str, dtype_choice: str) -> LuminaTextEncoderHandle:
-    """The text encoder in `folder`, of the family its config.json names (LLaMA-2 or Gemma)."""
+    """The text encoder in `folder` (or single file), of the family its config.json or keys name (LLaMA-2, Gemma or
+    Gemma-2)."""
     return load_text_encoder(folder, dtype_choice, family=families.text_encoder_family(folder))
 
 
-def encode_text(handle: LuminaTextEncoderHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+def takes_system_prompt(handle: LuminaTextEncoderHandle) -> bool:
+    """Whether the encoder prefixes a system prompt (Lumina-Image-2.0's Gemma-2 does; LLaMA-2 and Gemma do not)."""
+    return getattr(handle.encoder, "system_prompts", None) is not None
+
+
+def encode_text(
+    handle: LuminaTextEncoderHandle, text: str, system_prompt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and mask of one prompt; system_prompt (a preset name or the text) only reaches encoders that take
+    one, and is ignored by the others."""
     if handle.patcher is not None:
         comfy.model_management.load_models_gpu([handle.patcher])
-    return handle.encoder.encode([text], output_device=intermediate_device())
+    options = {"system_prompt": system_prompt} if takes_system_prompt(handle) else {}
+    return handle.encoder.encode([text], output_device=intermediate_device(), **options)
 
 

@@ -63,7 +63,8 @@ def test_node_declaration_is_well_formed(node_id):
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
     inputs = cls.INPUT_TYPES()
     assert set(inputs) <= {"required", "optional", "hidden"} and inputs["required"]
-    for name, spec in inputs["required"].items():
+    declared = {**inputs["required"], **inputs.get("optional", {})}
+    for name, spec in declared.items():
         assert isinstance(spec, tuple) and len(spec) == 2, name
         kind, opts = spec
         assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
@@ -76,8 +77,10 @@ def test_node_declaration_is_well_formed(node_id):
         else:
             assert isinstance(kind, str) and kind
     method = getattr(cls, cls.FUNCTION)
-    params = list(inspect.signature(method).parameters)[1:]
-    assert params == list(inputs["required"]), "the node function must take exactly the declared inputs"
+    params = inspect.signature(method).parameters
+    assert list(params)[1:] == list(declared), "the node function must take exactly the declared inputs"
+    for name in inputs.get("optional", {}):  # API prompts may leave an optional input out
+        assert params[name].default is not inspect.Parameter.empty, f"{node_id}.{name} needs a default"
 
 
 def test_numeric_limits_of_the_sampler():
