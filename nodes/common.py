@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 
 from lumina_core.dtypes import DTYPE_NAMES
-from lumina_core.image.latent import LATENT_CHANNELS
 
 # Conditioning made by Lumina Text Encode carries this key (value True) next to its attention mask.
 LUMINA_MARKER = "lumina_t2i_llama"
@@ -143,19 +142,14 @@ def size_problem(width: int, height: int) -> Optional[str]:
 
 
 def check_latent(latent: dict) -> torch.Tensor:
-    """The raw SDXL-VAE samples [B,4,h,w] of a LATENT whose size the Flag-DiT can take, or a ValueError."""
+    """The raw VAE samples [B,C,h,w] of a LATENT whose size the Lumina DiTs can take, or a ValueError (the channels
+    are checked against the model's family by `nodes.latent.latent_for_family`)."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not torch.is_tensor(samples) or samples.ndim != 4 or getattr(samples, "is_nested", False):
         shape = tuple(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
         raise ValueError(
-            f"The latent has shape {shape}; the Lumina Sampler needs an image latent [batch, 4, height/8, width/8] "
-            f"from Lumina Empty Latent or VAE Encode (SDXL VAE)."
-        )
-    channels = samples.shape[1]
-    if channels != LATENT_CHANNELS:
-        raise ValueError(
-            f"The latent has {channels} channels; Lumina-T2I works on 4-channel SDXL-VAE latents. Use Lumina Empty "
-            f"Latent, or VAE Encode with the SDXL VAE (sdxl_vae.safetensors)."
+            f"The latent has shape {shape}; the Lumina Sampler needs an image latent [batch, channels, height/8, "
+            f"width/8] from Lumina Empty Latent or VAE Encode (the SDXL VAE, or the FLUX AE for Lumina-Image-2.0)."
         )
     h, w = samples.shape[-2] * VAE_FACTOR, samples.shape[-1] * VAE_FACTOR
     problem = size_problem(w, h)

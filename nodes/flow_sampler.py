@@ -23,9 +23,11 @@ Nothing here imports ComfyUI (tested without it); `comfy_sampling` wraps `lumina
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from lumina_core.sampling.guidance import guided_at, renorm_factor
+from lumina_core.sampling.guidance import faithful_guided_channels, guided_at, renorm_factor
 from lumina_core.sampling.solvers import SOLVERS, solve
 
 from .flow_model import NETWORK_SIGMA_OPTION, velocity_from_denoised
@@ -35,10 +37,6 @@ from .flow_model import NETWORK_SIGMA_OPTION, velocity_from_denoised
 # of x - sigma*output costs about 1e-7 * |x| / sigma of the velocity, and 1e-3 balances that against the shift of t.
 SIGMA_FLOOR = 1e-6
 SIGMA_FLOOR_FP32 = 1e-3
-# Latent channels that Lumina-T2I's "faithful" guidance guides; the rest keep the conditional prediction.
-FAITHFUL_GUIDED_CHANNELS = 3
-
-
 def _with_network_sigma(model_options: dict, sigma: float) -> dict:
     options = dict(model_options)
     options["transformer_options"] = dict(model_options.get("transformer_options", {}), **{NETWORK_SIGMA_OPTION: sigma})
@@ -83,11 +81,15 @@ def lumina_ode(model, x, sigmas, extra_args=None, callback=None, disable=None, s
     return solve(velocity, x, grid, solver, callback=step_callback, atol=atol, rtol=rtol, max_evals=max_evals)
 
 
-def keep_conditional_channels(guided: torch.Tensor, cond: torch.Tensor,
-                              guided_channels: int = FAITHFUL_GUIDED_CHANNELS) -> torch.Tensor:
-    """Lumina-T2I's faithful guidance on any prediction: the guided result on the first `guided_channels`
-    channels, the conditional prediction on the others (linear, so the same on denoised as on velocities)."""
-    return torch.cat([guided[:, :guided_channels], cond[:, guided_channels:]], dim=1)
+def keep_conditional_channels(guided: torch.Tensor, cond: torch.Tensor, guided_channels: Optional[int] = None
+                              ) -> torch.Tensor:
+    """"faithful" guidance on any prediction: the guided result on the first `guided_channels` channels (default:
+    as the family's original, 3 of 4 SDXL channels, all of 16 FLUX channels), the conditional prediction on the
+    others (linear, so the same on denoised as on velocities)."""
+    n = faithful_guided_channels(guided.shape[1]) if guided_channels is None else guided_channels
+    if n >= guided.shape[1]:
+        return guided
+    return torch.cat([guided[:, :n], cond[:, n:]], dim=1)
 
 
 def guided_at_sigma(sigma: torch.Tensor, cfg_trunc: float) -> bool:

@@ -21,6 +21,7 @@ from lumina_core.sampling.solvers import SOLVERS
 
 from . import comfy_env, comfy_model, comfy_sampling
 from .common import check_latent, text_from_conditioning
+from .latent import latent_for_family
 
 MAX_STEPS = 10000
 # cfg_trunc / renorm_cfg value meaning "the model family's default" (any negative value does).
@@ -163,8 +164,9 @@ class LuminaSampler:
                     list(GUIDANCE_MODES),
                     {
                         "default": "faithful",
-                        "tooltip": "faithful: guide latent channels 0-2 and keep channel 3 conditional, as the "
-                        "released demo. all: guide all 4 channels (what ComfyUI's CFG does).",
+                        "tooltip": "faithful: guide as the family's original demo: channels 0-2 of the 4 SDXL-latent "
+                        "channels, channel 3 conditional (Lumina-T2I, Lumina-Next); all 16 channels for "
+                        "Lumina-Image-2.0. all: guide every channel (what ComfyUI's CFG does).",
                     },
                 ),
                 "cfg_trunc": _cfg_trunc_input(),
@@ -187,7 +189,9 @@ class LuminaSampler:
         cfg_trunc=FAMILY_DEFAULT, renorm_cfg=FAMILY_DEFAULT,
     ):
         dit = comfy_model.lumina_dit(model)
-        raw = check_latent(latent_image)
+        family = families.get_family(dit.family)
+        raw = latent_for_family(check_latent(latent_image), family)
+        fmt = family.latent_format
         cap = dit.config.cap_feat_dim
         cond = text_from_conditioning(positive, cap, "positive", family=dit.family)
         uncond = text_from_conditioning(negative, cap, "negative", family=dit.family) if cfg != 1.0 else None
@@ -212,13 +216,13 @@ class LuminaSampler:
             shift=shift,
             solver=solver,
             denoise=denoise,
-            init_latent=to_model_space(raw.float()).to(device) if denoise < 1.0 else None,
+            init_latent=to_model_space(raw.float(), fmt).to(device) if denoise < 1.0 else None,
             extrapolation=extrapolation,
             guidance=guidance,
             cfg_trunc=family_setting(model, "cfg_trunc", cfg_trunc),
             renorm_cfg=family_setting(model, "renorm_cfg", renorm_cfg),
         )
-        out["samples"] = to_vae_space(samples.float()).to(comfy_env.intermediate_device())
+        out["samples"] = to_vae_space(samples.float(), fmt).to(comfy_env.intermediate_device())
         return (out,)
 
     @staticmethod
@@ -344,8 +348,9 @@ class LuminaCFGGuider:
                     list(GUIDANCE_MODES),
                     {
                         "default": "faithful",
-                        "tooltip": "faithful: guide latent channels 0-2 and keep the others conditional, as the "
-                        "Lumina-T2I demo (meant for its 4-channel SDXL latents). all: every channel, as CFGGuider.",
+                        "tooltip": "faithful: guide as the family's original demo: channels 0-2 of a 4-channel latent, "
+                        "channel 3 conditional (Lumina-T2I, Lumina-Next); every channel of other latents "
+                        "(Lumina-Image-2.0's 16). all: every channel, as CFGGuider.",
                     },
                 ),
                 "extrapolation": (

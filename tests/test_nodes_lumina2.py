@@ -85,3 +85,22 @@ def test_empty_latent_is_widened_and_a_foreign_latent_refused():
         latent_for_family(sdxl, families.LUMINA_2)
     with pytest.raises(ValueError, match=r"16 channels.*Lumina-Next.*4-channel.*sdxl_vae"):
         latent_for_family(torch.randn(1, 16, 8, 8), families.LUMINA_NEXT)
+
+
+def test_faithful_guidance_is_the_familys_original():
+    """3 of 4 SDXL channels guided for Lumina-T2I/Next; all 16 FLUX channels for Lumina-Image-2.0, as its
+    original; the same rule on ComfyUI's denoised predictions."""
+    from lumina_core.sampling.guidance import guide
+    from nodes.flow_sampler import keep_conditional_channels
+
+    g = torch.Generator().manual_seed(0)
+    for channels in (4, 16):
+        c, u = torch.randn(2, channels, 3, 3, generator=g), torch.randn(2, channels, 3, 3, generator=g)
+        full = u + 4.0 * (c - u)
+        out = guide(c, u, 4.0, "faithful")
+        if channels == 16:
+            assert torch.equal(out, full)
+            assert torch.equal(keep_conditional_channels(full, c), full)
+        else:
+            assert torch.equal(out[:, :3], full[:, :3]) and torch.equal(out[:, 3:], c[:, 3:])
+            assert torch.equal(keep_conditional_channels(full, c), out)

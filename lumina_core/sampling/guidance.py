@@ -11,17 +11,31 @@ import torch
 GUIDANCE_MODES = ("faithful", "all")
 
 
+# The released Lumina-T2I/Lumina-Next demos guide channels 0..2 of their 4-channel SDXL-VAE latents; Lumina-Image-2.0
+# guides all 16 of its FLUX-AE channels.
+FAITHFUL_LATENT_CHANNELS = 4
+FAITHFUL_GUIDED_CHANNELS = 3
+
+
+def faithful_guided_channels(channels: int) -> int:
+    """How many leading channels "faithful" guidance guides in a latent of `channels` channels: 3 of the 4 SDXL
+    channels (the Lumina-T2I and Lumina-Next demos), every channel otherwise (Lumina-Image-2.0's original)."""
+    return FAITHFUL_GUIDED_CHANNELS if channels == FAITHFUL_LATENT_CHANNELS else channels
+
+
 def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg: float, mode: str = "faithful") -> torch.Tensor:
     """Classifier-free guidance u + cfg*(c - u).
 
-    "faithful" guides latent channels 0..2 only and keeps the conditional channel 3, as the released demo does;
+    "faithful" guides as the family's original: latent channels 0..2 of a 4-channel latent, keeping the
+    conditional channel 3 (the Lumina-T2I/Next demos), every channel of a 16-channel one (Lumina-Image-2.0);
     "all" guides every channel.
     """
     if mode == "all":
         return v_uncond + cfg * (v_cond - v_uncond)
     if mode == "faithful":
-        guided = v_uncond[:, :3] + cfg * (v_cond[:, :3] - v_uncond[:, :3])
-        return torch.cat([guided, v_cond[:, 3:]], dim=1)
+        n = faithful_guided_channels(v_cond.shape[1])
+        guided = v_uncond[:, :n] + cfg * (v_cond[:, :n] - v_uncond[:, :n])
+        return guided if n == v_cond.shape[1] else torch.cat([guided, v_cond[:, n:]], dim=1)
     raise ValueError(f"unknown guidance mode {mode!r}; choose one of {', '.join(GUIDANCE_MODES)}")
 
 
