@@ -399,6 +399,11 @@ def test_llama_and_gemma_single_files_are_refused_naming_their_folder(tmp_path):
         families.text_encoder_family(tmp_path / "other.safetensors")
 
 
+def test_a_file_given_as_a_folder_is_sent_to_from_file(layouts):
+    with pytest.raises(TextEncoderError, match=r"is a file, not a folder: .*Gemma2TextEncoder.from_file"):
+        Gemma2TextEncoder.from_folder(layouts["comfy_single"][0])
+
+
 def test_only_safetensors_files_are_read(tmp_path):
     torch.save({"model.layers.0.post_feedforward_layernorm.weight": torch.zeros(2)}, tmp_path / "gemma2.pth")
     with pytest.raises(TextEncoderError, match=r"gemma2.pth is not a .safetensors file"):

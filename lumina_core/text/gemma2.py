@@ -236,6 +236,17 @@ class Gemma2TextEncoder(HFTextEncoder):
     get_hint = _GET_GEMMA2
 
     @classmethod
+    def from_folder(cls, path, **kwargs):
+        """Load a Hugging Face folder (google/gemma-2-2b) or a diffusers `text_encoder` folder; keywords as for
+        HFTextEncoder.from_folder. ComfyUI's single files go to `from_file`."""
+        if os.path.isfile(path):
+            raise TextEncoderError(
+                f"{path} is a file, not a folder: load ComfyUI's single files with Gemma2TextEncoder.from_file, or "
+                "let lumina_core.load_text_encoder choose the loader."
+            )
+        return super().from_folder(path, **kwargs)
+
+    @classmethod
     def config_class(cls):
         return Gemma2Config
 
