@@ -156,12 +156,6 @@ def prompt_texts(prompts, system_prompt: str | None = None, negative_prompt: str
     return texts
 
 
-def is_gemma2_folder(path) -> bool:
-    """True when path is a folder whose config.json describes a Gemma-2 model. Never raises."""
-    raw = read_config_json(os.fspath(path))
-    return raw is not None and model_type_of(raw) == "gemma2"
-
-
 def _refusal(what: str, single_file: bool = False) -> str:
     """What a model that is not Gemma-2 is, and where it belongs."""
     known = OTHER_ENCODERS.get(what)

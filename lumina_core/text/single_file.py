@@ -54,10 +54,6 @@ LAYOUTS = (
 )
 
 
-def is_single_file(path) -> bool:
-    return os.path.isfile(path) and os.fspath(path).lower().endswith(SINGLE_FILE_EXTENSIONS)
-
-
 def open_weights(path, error=TextEncoderError) -> SafetensorsFile:
     """The safetensors file at `path` (header read only), refusing anything else with `error`."""
     path = Path(path)
