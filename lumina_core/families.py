@@ -1,4 +1,4 @@
-"""The registry of model families: what Lumina-T2I and Lumina-Next each are, in one place.
+"""The registry of model families: what Lumina-T2I, Lumina-Next and Lumina-Image-2.0 each are, in one place.
 
 A family says how its DiT is recognised from a checkpoint's keys and loaded, how its text encoder is recognised
 from a Hugging Face folder's config.json and loaded, its sampling defaults (those of its original demo), how its

@@ -1,4 +1,4 @@
-"""Loader nodes: family-detecting DiT and text-encoder loaders (Lumina-T2I and Lumina-Next), and the original
+"""Loader nodes: family-detecting DiT and text-encoder loaders (Lumina-T2I, Lumina-Next, Lumina-Image-2.0), and the original
 LLaMA-2 and Flag-DiT loaders, kept so that saved workflows still load."""
 
 from __future__ import annotations

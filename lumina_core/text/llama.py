@@ -34,12 +34,12 @@ _GEMMA1 = (
     "Load it with GemmaTextEncoder (in ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-Next DiT"
 )
 _GEMMA2 = (
-    f"{_GEMMA}: Gemma-2 is the text encoder of Lumina-Image-2.0 (gemma-2-2b), which ComfyUI's own nodes run, "
-    "not this pack"
+    f"{_GEMMA}: Gemma-2 is the text encoder of Lumina-Image-2.0 (gemma-2-2b). Load it with Gemma2TextEncoder (in "
+    "ComfyUI: the Lumina Load Text Encoder node) and use it with a Lumina-Image-2.0 DiT"
 )
 _GEMMA3 = (
     "Gemma-3 is the text encoder of no Lumina model this pack runs (Lumina-T2I needs LLaMA-2-7B, Lumina-Next "
-    "needs Gemma-2B, google/gemma-2b)"
+    "needs Gemma-2B, google/gemma-2b, Lumina-Image-2.0 Gemma-2-2B)"
 )
 _T5 = "T5 is the text encoder used by other models such as SD3/Flux/PixArt; Lumina-T2I needs LLaMA-2-7B"
 _CLIP = "CLIP is the text encoder of SD1.x/SDXL (and a helper of SD3/Flux); Lumina-T2I needs LLaMA-2-7B"
