@@ -35,3 +35,15 @@ def cpu_compute(request):
         yield dtype
     finally:
         dtypes.force_cpu_compute_dtype(None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _model_folders_per_module():
+    """Each test module sets the plain-Python model folders it needs (nodes.model_files); they are put back after it,
+    so no module sees another's files in its lists."""
+    from nodes import model_files
+
+    saved = {kind: list(paths) for kind, paths in model_files._plain_folders.items()}
+    yield
+    model_files._plain_folders.clear()
+    model_files._plain_folders.update(saved)
