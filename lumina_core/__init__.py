@@ -28,6 +28,7 @@ _EXPORTS = {
     "NextDiTConfig": "models.config",
     "FLAG_DIT_5B": "models.config",
     "FLAG_DIT_TINY": "models.config",
+    "dequantize_gguf": "weights.gguf_quants",
     "LlamaTextEncoder": "text.llama",
     "GemmaTextEncoder": "text.gemma",
     "Gemma2TextEncoder": "text.gemma2",

@@ -219,6 +219,12 @@ class ShardedSafetensors:
 
 INDEX_SUFFIX = ".safetensors.index.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the weights of an unsharded diffusers model folder
+GGUF_SUFFIX = ".gguf"
+
+
+def is_gguf(path) -> bool:
+    """Whether `path` names a GGUF file (by its extension)."""
+    return os.fspath(path).lower().endswith(GGUF_SUFFIX)
 
 
 def find_index(folder: Path) -> Path | None:
@@ -229,7 +235,7 @@ def find_index(folder: Path) -> Path | None:
 
 def open_tensor_file(path: Path, error=WeightsFileError):
     """A SafetensorsFile for .safetensors, a ShardedSafetensors for an index json (or a folder holding one; a
-    diffusers model folder), else a weights-only PickleFile; errors raised as `error`."""
+    diffusers model folder), a GGUFFile for .gguf, else a weights-only PickleFile; errors raised as `error`."""
     path = Path(path)
     if path.is_dir():
         index = find_index(path)
@@ -243,6 +249,16 @@ def open_tensor_file(path: Path, error=WeightsFileError):
         )
     if path.name.endswith(".json"):
         return ShardedSafetensors(path, error)
+    if is_gguf(path):
+        try:
+            from .gguf_file import GGUFFile  # imports the gguf package, needed for these files only
+        except ImportError as err:
+            raise error(
+                f"{path} is a GGUF file, and reading GGUF files needs the `gguf` package, which this Python lacks "
+                f"({err}): `pip install gguf` (inside ComfyUI: in ComfyUI's Python, as the pack's requirements.txt "
+                f"lists it)"
+            ) from None
+        return GGUFFile(path, error)
     return SafetensorsFile(path, error) if path.suffix == ".safetensors" else PickleFile(path, error)
 
 
