@@ -1,4 +1,4 @@
-"""Command line: `python -m lumina_core convert IN OUT --dtype bf16|fp8_e4m3fn|...`, `python -m lumina_core demo`
+"""Command line: `python -m lumina_core convert IN OUT --dtype bf16|fp8_e4m3fn|q8_0|...`, `python -m lumina_core demo`
 and `python -m lumina_core generate --dit ... --llama ... --vae ... --prompt ... --out DIR`."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import time
 
 def _convert(args) -> int:
     from .dtypes import dtype_from_name
-    from .weights.dit_files import convert_checkpoint
+    from .weights.dit_files import convert_checkpoint, convert_to_gguf
     from .weights.layouts import CheckpointError
+    from .weights.tensor_io import is_gguf
 
     start = time.perf_counter()
 
@@ -22,16 +23,25 @@ def _convert(args) -> int:
             sys.stderr.flush()
 
     try:
-        config = convert_checkpoint(args.input, args.output, dtype=dtype_from_name(args.dtype), progress=progress)
+        if is_gguf(args.output):
+            config = convert_to_gguf(args.input, args.output, qtype=args.dtype, progress=progress)
+        elif args.dtype in GGUF_ONLY:
+            raise ValueError(f"--dtype {args.dtype} is a GGUF type: give an output file ending in .gguf")
+        else:
+            config = convert_checkpoint(args.input, args.output, dtype=dtype_from_name(args.dtype), progress=progress)
     except (CheckpointError, ValueError) as err:
         sys.stderr.write(f"\nerror: {err}\n")
         return 2
     sys.stderr.write("\n")
     sys.stdout.write(
-        f"wrote {args.output} ({args.dtype}): Flag-DiT dim {config.dim}, {config.n_layers} layers, "
+        f"wrote {args.output} ({args.dtype}): DiT dim {config.dim}, {config.n_layers} layers, "
         f"{config.n_heads} heads, in {time.perf_counter() - start:.1f} s\n"
     )
     return 0
+
+
+# Types a .gguf output takes besides bf16/fp16/fp32 (city96's legacy quantizations).
+GGUF_ONLY = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
 def main(argv=None) -> int:
@@ -42,13 +52,17 @@ def main(argv=None) -> int:
 
     conv = sub.add_parser(
         "convert",
-        help="rewrite a Flag-DiT checkpoint (safetensors or .pth) as a smaller safetensors file",
-        description="Streams tensor by tensor, so it needs little memory whatever the file size.",
+        help="rewrite a DiT checkpoint (safetensors, .pth or .gguf) as a smaller safetensors or GGUF file",
+        description="Streams tensor by tensor, so it needs little memory whatever the file size. An output ending in "
+        ".gguf is written in ComfyUI-GGUF's conventions.",
     )
     conv.add_argument("input", help="e.g. consolidated.00-of-01.safetensors (the fp32 release)")
-    conv.add_argument("output", help="e.g. ComfyUI/models/diffusion_models/lumina_t2i_5b_bf16.safetensors")
-    conv.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16",
-                      help="fp8_e4m3fn/fp8_e5m2 store the linear weights in fp8 and the rest (0.3%%) in bf16")
+    conv.add_argument("output", help="e.g. ComfyUI/models/diffusion_models/lumina_t2i_5b_bf16.safetensors, or "
+                      "lumina2-q8_0.gguf")
+    conv.add_argument("--dtype", choices=DTYPE_NAMES + GGUF_ONLY, default="bf16",
+                      help="fp8_e4m3fn/fp8_e5m2 store the linear weights in fp8 and the rest (0.3%%) in bf16; "
+                      "q8_0/q5_1/q5_0/q4_1/q4_0 (a .gguf output only) quantize the matrices, keeping the embedders, "
+                      "final layer, norms and Lumina 2's refiners unquantized")
     conv.set_defaults(func=_convert)
 
     from .demo import add_demo_parser

@@ -27,7 +27,7 @@ from .sampling.loop import SamplingDefaults
 from .text import single_file
 from .weights.dit_files import _check_path, load_dit_file, read_dit_config
 from .weights.layouts import CheckpointError, describe_foreign, find_layout
-from .weights.tensor_io import open_tensor_file
+from .weights.tensor_io import is_gguf, open_tensor_file
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +188,17 @@ def checkpoint_family(path) -> Family:
     """The family whose DiT the checkpoint at `path` holds (read from its key names only), or a CheckpointError
     naming what the file is instead."""
     path = _check_path(path)
-    keys = open_tensor_file(path, CheckpointError).keys
+    dits = " or ".join(f"{f.title} {f.dit_title}" for f in FAMILIES.values())
+    src = open_tensor_file(path, CheckpointError)
+    if is_gguf(path):
+        from .weights.gguf_dit import check_dit_gguf  # the gguf package, for these files only
+
+        check_dit_gguf(src, f"a {dits}")
+    keys = src.keys
     for family in FAMILIES.values():
         if family.matches_checkpoint(keys):
             return family
     foreign = describe_foreign(keys)
-    dits = " or ".join(f"{f.title} {f.dit_title}" for f in FAMILIES.values())
     if foreign and not any(f.title in foreign for f in FAMILIES.values()):
         raise CheckpointError(f"{path} is {foreign}, not a {dits}")
     raise CheckpointError(
@@ -203,8 +208,9 @@ def checkpoint_family(path) -> Family:
 
 
 def load_dit(path, *, dtype: Optional[torch.dtype] = torch.bfloat16, device="cpu", operations=None):
-    """Load the DiT at `path` (a Flag-DiT, a Next-DiT or a Unified Next-DiT, in any of their layouts), its family
-    found from its keys."""
+    """Load the DiT at `path` (a Flag-DiT, a Next-DiT or a Unified Next-DiT, in any of their layouts; safetensors,
+    .pth or GGUF), its family found from its keys. A GGUF keeps its quantized linear weights as blocks, dequantized
+    per forward, and computes in `dtype` (None: fp32)."""
     return checkpoint_family(path).load_dit(path, dtype=dtype, device=device, operations=operations)
 
 

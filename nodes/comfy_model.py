@@ -9,10 +9,12 @@ import types
 import torch
 
 from lumina_core import families
-from lumina_core.dtypes import dtype_from_name
+from lumina_core.dtypes import dtype_from_name, is_fp8
 from lumina_core.models.flag_dit import FlagDiT
+from lumina_core.weights.dit_files import load_gguf_weights
+from lumina_core.weights.tensor_io import is_gguf
 
-from . import flow_model
+from . import comfy_gguf, flow_model
 from .comfy_env import IN_COMFYUI, comfy, plain_dtype
 from .common import text_from_conditioning
 from .flow_model import comfy_dit_class
@@ -127,7 +129,9 @@ def load_flag_dit_model(path: str, dtype_choice: str, family=None):
     mm = comfy.model_management
     config = family.read_dit_config(path)  # refuses a foreign checkpoint before any weight is read
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    if dtype_choice == "auto":
+    gguf = is_gguf(path)
+    # A GGUF keeps its own types: the choice is the dtype it computes in, never fp8.
+    if dtype_choice == "auto" or (gguf and is_fp8(dtype_from_name(dtype_choice))):
         supported = LuminaT2IConfig.supported_inference_dtypes
         dtype = mm.unet_dtype(model_params=_parameter_count(config, family.dit_class()), supported_dtypes=supported)
     else:
@@ -135,6 +139,8 @@ def load_flag_dit_model(path: str, dtype_choice: str, family=None):
     manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, LuminaT2IConfig.supported_inference_dtypes)
     model_config = _model_config_class(family)({"dit_config": config, "family": family.name})
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    if gguf:
+        return _load_gguf_model(path, family, model_config, dtype, manual_cast_dtype, load_device, offload_device)
     model = LuminaT2I(model_config)
     patcher = comfy.model_patcher.CoreModelPatcher(model, load_device=load_device, offload_device=offload_device)
     # The core loads the released layout (memory-mapped, cast as read) into torch.nn layers; its tensors are then
@@ -145,6 +151,23 @@ def load_flag_dit_model(path: str, dtype_choice: str, family=None):
     model.diffusion_model.compute_dtype = manual_cast_dtype
     if not mm.is_device_cpu(offload_device):
         model.to(offload_device)
+    register_sampling_wrappers(patcher)
+    return patcher
+
+
+def _load_gguf_model(path, family, model_config, dtype, manual_cast_dtype, load_device, offload_device):
+    """The MODEL of a GGUF DiT: built from the GGUF comfy.ops layers, its quantized weights kept as blocks (read
+    straight into the MODEL's layers), under ComfyUI's classic ModelPatcher (as ComfyUI-GGUF does): its low-VRAM
+    partial loading moves whole layers, which the GGUF layers follow, where the dynamic-VRAM patcher stages weights
+    through ComfyUI's own cast path, which a quantized layer does not take."""
+    mm = comfy.model_management
+    model_config.custom_operations = comfy_gguf.gguf_operations()
+    model = LuminaT2I(model_config)
+    load_gguf_weights(model.diffusion_model, path, dtype=dtype, device="cpu", families=(family.name,))
+    model.diffusion_model.compute_dtype = manual_cast_dtype or dtype
+    if not mm.is_device_cpu(offload_device):
+        model.to(offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     register_sampling_wrappers(patcher)
     return patcher
 

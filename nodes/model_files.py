@@ -21,6 +21,9 @@ DIFFUSION_MODELS = "diffusion_models"
 CHECKPOINTS = "checkpoints"
 TEXT_ENCODERS = "text_encoders"
 CHECKPOINT_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+# DiTs may also be GGUF files (ComfyUI-GGUF's conventions); ComfyUI's own lists leave .gguf out, so they are found by
+# walking the diffusion_models folders (models/diffusion_models and models/unet, and any added to them).
+GGUF_EXTENSIONS = (".gguf",)
 _LLAMA_SEARCH_DEPTH = 3
 
 
@@ -40,16 +43,24 @@ def model_folders(kind: str) -> list[str]:
     return [os.path.join(os.environ.get("LUMINA_MODELS_DIR", "models"), kind)]
 
 
-def _model_file_names(kind: str) -> list[str]:
-    if IN_COMFYUI:
-        return list(folder_paths.get_filename_list(kind))
+def _walk_names(kind: str, extensions: tuple) -> set[str]:
     names = set()
     for root in model_folders(kind):
         for dirpath, _dirs, files in os.walk(root, followlinks=True):
             for f in files:
-                if f.lower().endswith(CHECKPOINT_EXTENSIONS):
+                if f.lower().endswith(extensions):
                     names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(names)
+    return names
+
+
+def _model_file_names(kind: str) -> list[str]:
+    gguf = GGUF_EXTENSIONS if kind == DIFFUSION_MODELS else ()
+    if IN_COMFYUI:
+        names = set(folder_paths.get_filename_list(kind))
+        if gguf:
+            names |= _walk_names(kind, gguf)
+        return sorted(names)
+    return sorted(_walk_names(kind, CHECKPOINT_EXTENSIONS + gguf))
 
 
 def _find_file(kind: str, name: str):

@@ -5,6 +5,7 @@ own (positioned safetensors reads; a pickle only through `torch.load(weights_onl
 run code), cast to the target dtype as it is read into one packed buffer, and assigned with `assign=True`, so
 loading needs about one copy of the weights in the target dtype. An fp8 dtype stores the linear weights in fp8 and
 the rest in the compute dtype (`lumina_core.dtypes.compute_dtype_for`), which the model's `compute_dtype` records.
+A GGUF file keeps its quantized linear weights as blocks, dequantized per forward (`lumina_core.weights.gguf_dit`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from .layouts import (
     find_layout,
     original_to_diffusers,
 )
-from .tensor_io import DIFFUSERS_WEIGHTS, INDEX_SUFFIX, find_index, open_tensor_file, write_safetensors
+from .tensor_io import (
+    DIFFUSERS_WEIGHTS,
+    GGUF_SUFFIX,
+    INDEX_SUFFIX,
+    find_index,
+    is_gguf,
+    open_tensor_file,
+    write_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +62,10 @@ def _check_path(path) -> Path:
         return path
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; get the file again")
-    if path.suffix not in (".safetensors",) + PICKLE_SUFFIXES:
+    if path.suffix not in (".safetensors", GGUF_SUFFIX) + PICKLE_SUFFIXES and not is_gguf(path):
         raise CheckpointError(
-            f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors (or .pth/.pt/.ckpt, or a "
-            f"safetensors index json)"
+            f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors or .gguf (or .pth/.pt/.ckpt, or "
+            f"a safetensors index json)"
         )
     return path
 
@@ -71,9 +80,14 @@ class DiTFile:
     def __init__(self, path, families: Optional[Iterable[str]] = None):
         self.path = _check_path(path)
         self.src = open_tensor_file(self.path, CheckpointError)
+        self.is_gguf = is_gguf(self.path)
         keys = self.src.keys
         wanted = [layout for layout in LAYOUTS if families is None or layout.family in families]
         title = " or ".join(dict.fromkeys(layout.title for layout in wanted))
+        if self.is_gguf:
+            from .gguf_dit import check_dit_gguf
+
+            check_dit_gguf(self.src, f"a {title}")
         found = find_layout(keys)
         if found is None or found[0] not in wanted:
             foreign = describe_foreign(keys)
@@ -241,9 +255,14 @@ def load_dit_file(
     dtype, never through bf16) and everything else in the compute dtype, which `model.compute_dtype` records: bf16,
     or fp32 on a CPU without bf16. operations: a namespace of layer classes (ComfyUI passes `comfy.ops`); for fp8
     without one, the core's casting layers are used.
+
+    A GGUF file keeps its quantized matrices as blocks in `GGUFLinear` layers (or the `load_quantized` layers of
+    `operations`), dequantized per forward; `dtype` is then the compute dtype (see `gguf_compute_dtype`).
     """
     start = time.perf_counter()
     source = DiTFile(path, families)
+    if source.is_gguf:
+        return _load_gguf(source, dtype=dtype, device=device, operations=operations)
     config = source.config
     if dtype is None:
         probe = next(iter(source.file_key.values()))
@@ -278,6 +297,61 @@ def load_dit_file(
         time.perf_counter() - start,
     )
     return model
+
+
+def gguf_compute_dtype(dtype: Optional[torch.dtype], device) -> torch.dtype:
+    """The dtype a GGUF DiT computes in (and holds its dequantized small tensors in): `dtype`; fp32 for None (the
+    dequantized values exactly); for an fp8 choice, the dtype fp8 storage would compute in (a GGUF keeps its own
+    types)."""
+    if dtype is None:
+        return torch.float32
+    return compute_dtype_for(device) if is_fp8(dtype) else dtype
+
+
+def load_gguf_weights(model: torch.nn.Module, path, *, dtype: Optional[torch.dtype], device="cpu",
+                      families: Optional[Iterable[str]] = None) -> torch.nn.Module:
+    """Fill `model`, a DiT built on the meta device with any `operations`, from the GGUF DiT at `path`: the weights
+    of layers that can hold GGUF blocks (`load_quantized`) stay quantized, the rest is dequantized into the compute
+    dtype (`gguf_compute_dtype`), which `model.compute_dtype` records. ComfyUI's loader builds its MODEL with its
+    own layers and fills it with this."""
+    from .gguf_dit import describe, load_gguf_state
+    from .quantized import quantized_bytes
+
+    start = time.perf_counter()
+    source = path if isinstance(path, DiTFile) else DiTFile(path, families)
+    compute = gguf_compute_dtype(dtype, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    kept = load_gguf_state(model, source, compute, device)
+    model.requires_grad_(False).eval()
+    model.compute_dtype = compute
+    config = source.config
+    logger.info(
+        "Loaded %s (%s, %s) from %s: %.2fB parameters in %.1f MB (%d matrices kept quantized), dim %d, %d layers, "
+        "%d/%d heads, computed in %s on %s in %.1f s",
+        source.layout.title,
+        source.layout.description,
+        describe(source.src),
+        source.path,
+        parameters / 1e9,
+        quantized_bytes(model) / 2**20,
+        kept,
+        config.dim,
+        config.n_layers,
+        config.n_heads,
+        config.kv_heads,
+        dtype_name(compute),
+        device,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def _load_gguf(source: DiTFile, *, dtype, device, operations):
+    from .quantized import GGUF_OPERATIONS
+
+    compute = gguf_compute_dtype(dtype, device)
+    model = source.build(dtype=compute, operations=GGUF_OPERATIONS if operations is None else operations)
+    return load_gguf_weights(model, source, dtype=dtype, device=device)
 
 
 def read_dit_config(path, families: Optional[Iterable[str]] = None):
@@ -333,6 +407,28 @@ def convert_checkpoint(
         shapes={k: (s, targets[k]) for k, s in expected.items()},
         metadata={"format": "pt", "model": source.layout.name, "converted_from": src_path.name},
     )
+    return source.config
+
+
+def convert_to_gguf(
+    src_path, dst_path, *, qtype: str = "q8_0", progress: Optional[Callable[[int, int], None]] = None,
+    families: Optional[Iterable[str]] = None,
+):
+    """Write a DiT checkpoint (any layout and family; safetensors, .pth or GGUF) as a GGUF file in city96's
+    conventions (`lumina_core.weights.gguf_dit`): q8_0, q5_1, q5_0, q4_1, q4_0 (the matrices; small tensors F32, the
+    embedders, final layer and refiners F16), or bf16/fp16/fp32. Streams tensor by tensor, so memory stays near one
+    output tensor. Returns the configuration."""
+    from .gguf_dit import gguf_write_type, write_dit_gguf
+
+    src_path, dst_path = Path(src_path), Path(dst_path)
+    if dst_path.exists() and dst_path.resolve() == src_path.resolve():
+        raise CheckpointError(f"output {dst_path} is the input file; choose another output name")
+    target = gguf_write_type(qtype)
+    source = DiTFile(src_path, families)
+    expected = {k: tuple(v.shape) for k, v in source.build().state_dict().items()}
+    source.check_keys(expected)
+    counts = write_dit_gguf(source, dst_path, expected, target, source.layout.family, progress)
+    logger.info("Wrote %s (%s): %s", dst_path, source.layout.title, ", ".join(f"{k} x {n}" for k, n in counts.items()))
     return source.config
 
 
