@@ -35,6 +35,7 @@ _EXPORTS = {
     "SYSTEM_PROMPTS": "text.gemma2",
     "LuminaT2IPipeline": "pipeline",
     "LuminaT2IPipelineOutput": "pipeline",
+    "apply_lora": "lora",
 }
 # exported under another name than the module's own
 _RENAMED = {"save_conditioning": "save", "load_conditioning": "load"}

@@ -1,5 +1,6 @@
-"""Command line: `python -m lumina_core convert IN OUT --dtype bf16|fp8_e4m3fn|q8_0|...`, `python -m lumina_core demo`
-and `python -m lumina_core generate --dit ... --llama ... --vae ... --prompt ... --out DIR`."""
+"""Command line: `python -m lumina_core convert IN OUT --dtype bf16|fp8_e4m3fn|q8_0|...`, `python -m lumina_core demo`,
+`python -m lumina_core generate --dit ... --llama ... --vae ... --prompt ... --out DIR` and
+`python -m lumina_core lora-convert SRC DST [--dit CHECKPOINT]`."""
 
 from __future__ import annotations
 
@@ -44,6 +45,29 @@ def _convert(args) -> int:
 GGUF_ONLY = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
+def _lora_convert(args) -> int:
+    from .lora.convert import convert_lora_file
+    from .lora.plan import LoraError
+    from .weights.layouts import CheckpointError
+
+    try:
+        summary = convert_lora_file(args.src, args.dst, dit=args.dit)
+    except (LoraError, CheckpointError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    kept = summary["text_encoder_keys"]
+    sys.stdout.write(f"wrote {args.dst}: {summary['modules']} LoRA modules in original names"
+                     + (f", {kept} text-encoder keys kept as they were" if kept else "") + "\n")
+    dropped = summary["dropped"]
+    if dropped:
+        sys.stdout.write(f"left out {len(dropped)} keys:\n" + "".join(f"  {k}: {why}\n" for k, why in dropped.items()))
+    return 0
+
+
+# Types a .gguf output takes besides bf16/fp16/fp32 (city96's legacy quantizations).
+GGUF_ONLY = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
 def main(argv=None) -> int:
     from .dtypes import DTYPE_NAMES
 
@@ -64,6 +88,18 @@ def main(argv=None) -> int:
                       "q8_0/q5_1/q5_0/q4_1/q4_0 (a .gguf output only) quantize the matrices, keeping the embedders, "
                       "final layer, norms and Lumina 2's refiners unquantized")
     conv.set_defaults(func=_convert)
+
+    lora = sub.add_parser(
+        "lora-convert",
+        help="rewrite a LoRA (PEFT/diffusers, kohya or original names) in the original names ComfyUI's LoraLoader reads",
+        description="Keys become diffusion_model.<original module>.lora_down/lora_up/alpha; Lumina-Image-2.0's diffusers "
+        "to_q/to_k/to_v become one LoRA on the fused qkv (the same update).",
+    )
+    lora.add_argument("src", help="the LoRA file (.safetensors)")
+    lora.add_argument("dst", help="the converted file, e.g. ComfyUI/models/loras/my_lora_comfy.safetensors")
+    lora.add_argument("--dit", default=None,
+                      help="a checkpoint of the model (its shapes place a lone to_q/to_k/to_v; no weights are read)")
+    lora.set_defaults(func=_lora_convert)
 
     from .demo import add_demo_parser
 

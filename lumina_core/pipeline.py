@@ -21,6 +21,7 @@ import torch
 from .generation import sample
 from .image.latent import LATENT_CHANNELS, to_vae_space
 from .image.vae import decode, load_sdxl_vae, to_pil
+from .lora import apply_lora, remove_lora
 from .models.flag_dit import EXTRAPOLATIONS
 from .pipeline_parts import (  # noqa: F401  (size_error: the generate command's check)
     MIN_SIZE,
@@ -202,6 +203,15 @@ class LuminaT2IPipeline:
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm progress bar on stderr (e.g. disable=True)."""
         self._progress_bar_config = dict(kwargs)
+
+    def load_lora_weights(self, path, strength: float = 1.0, adapter_name: Optional[str] = None):
+        """Apply a LoRA file (PEFT/diffusers, kohya or original names) to the transformer, on top of those loaded;
+        returns the report (applied modules, unmatched keys). See lumina_core.lora."""
+        return apply_lora(unwrap(self.transformer), path, strength, name=adapter_name)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA: the transformer's weights are the loaded ones again, bit for bit."""
+        remove_lora(unwrap(self.transformer))
 
     # ----------------------------------------------------------------------------------------------------------
     # Text
