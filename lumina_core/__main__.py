@@ -41,10 +41,6 @@ def _convert(args) -> int:
     return 0
 
 
-# Types a .gguf output takes besides bf16/fp16/fp32 (city96's legacy quantizations).
-GGUF_ONLY = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-
-
 def _lora_convert(args) -> int:
     from .lora.convert import convert_lora_file
     from .lora.plan import LoraError
