@@ -6,6 +6,7 @@ Importing this package does not need ComfyUI: the nodes then run on plain Python
 from .conditioning import LuminaLoadConditioning, LuminaSaveConditioning
 from .latent import LuminaEmptyLatent
 from .loaders import LuminaDiTLoader, LuminaFlagDiTLoader, LuminaLlamaLoader, LuminaTextEncoderLoader
+from .lora import LuminaLoraLoader
 from .sampling import LuminaCFGGuider, LuminaODESampler, LuminaSampler, LuminaSigmas
 from .text import LuminaTextEncode
 
@@ -14,6 +15,7 @@ _NODES = (
     (LuminaTextEncoderLoader, "Lumina Load Text Encoder"),
     (LuminaLlamaLoader, "Lumina Load LLaMA Text Encoder"),
     (LuminaFlagDiTLoader, "Lumina Load Flag-DiT"),
+    (LuminaLoraLoader, "Lumina LoRA Loader"),
     (LuminaTextEncode, "Lumina Text Encode"),
     (LuminaSampler, "Lumina Sampler"),
     (LuminaSigmas, "Lumina Sigmas"),

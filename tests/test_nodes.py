@@ -28,6 +28,7 @@ EXPECTED_NODES = {
     "LuminaTextEncoderLoader",
     "LuminaLlamaLoader",
     "LuminaFlagDiTLoader",
+    "LuminaLoraLoader",
     "LuminaTextEncode",
     "LuminaSampler",
     "LuminaSigmas",
