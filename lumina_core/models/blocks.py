@@ -21,6 +21,7 @@ from torch import nn
 from ..dtypes import is_fp8
 from .config import DiTConfig
 from .layers import FP32LayerNorm, apply_rope, repeat_kv, sdpa, timestep_embedding
+from .regions import batch_regions, region_cross_attention, token_weights
 
 
 @dataclass
@@ -31,6 +32,9 @@ class TextContext:
     text_kv: list  # per layer (keys, values), each [B, n_kv_heads, L_text, head_dim]
     text_mask: torch.Tensor  # [B, 1, 1, L_text] bool, True on real tokens
     rope_cache: dict = field(default_factory=dict)  # (seq_len, ntk, scaling, device) -> (cos, sin)
+    # Text by region (`prepare_regions`): [B, R, image tokens] weight of each region at each image token; text_kv
+    # and text_mask then hold B*R captions, region r of sample b in row b*R + r. None: one caption per sample.
+    region_weights: Optional[torch.Tensor] = None
 
 
 def cached(cache: Optional[dict], key, compute: Callable):
@@ -79,7 +83,7 @@ class Attention(nn.Module):
         yv = self.wv_y(y).view(b, l, self.n_kv_heads, self.head_dim)
         return yk.transpose(1, 2), yv.transpose(1, 2)
 
-    def forward(self, x, cos, sin, softmax_scale, text_k, text_v, text_mask):
+    def forward(self, x, cos, sin, softmax_scale, text_k, text_v, text_mask, region_weights=None):
         b, l, _ = x.shape
         dtype = x.dtype
         n_rep = self.n_heads // self.n_kv_heads
@@ -100,7 +104,11 @@ class Attention(nn.Module):
             # Image tokens attend to each other (same-size batch: no padding, no mask).
             out = self.attention_fn(qc, k, v, scale=softmax_scale)
             # The rotated queries attend to the unrotated text keys, default scale, gated per head by tanh(gate).
-            out_y = self.attention_fn(qc, text_k, text_v, mask=text_mask)
+            if region_weights is None:
+                out_y = self.attention_fn(qc, text_k, text_v, mask=text_mask)
+            else:  # each token to its regions' captions (lumina_core.models.regions)
+                out_y = region_cross_attention(self.attention_fn, qc, text_k, text_v, text_mask,
+                                               region_weights[:, :, start : start + chunk])
             parts.append(out + out_y * gate)
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
@@ -215,8 +223,16 @@ class TextConditionedDiT(LuminaDiT):
     def run_layers(self, tokens, t, text: TextContext, cos, sin, softmax_scale, dtype) -> torch.Tensor:
         """The adaLN vector (timestep + pooled caption), every block, and the final layer."""
         c_vec = self.t_embedder(t, dtype) + text.cap_emb.to(dtype)
+        regions = {}
+        if text.region_weights is not None:
+            if text.region_weights.shape[-1] != tokens.shape[1]:
+                raise ValueError(
+                    f"the text by region was laid out for {text.region_weights.shape[-1]} image tokens, this latent "
+                    f"has {tokens.shape[1]}: build the regions for this latent's size"
+                )
+            regions["region_weights"] = text.region_weights
         for layer, (text_k, text_v) in zip(self.layers, text.text_kv):
-            tokens = layer(tokens, c_vec, cos, sin, softmax_scale, text_k, text_v, text.text_mask)
+            tokens = layer(tokens, c_vec, cos, sin, softmax_scale, text_k, text_v, text.text_mask, **regions)
         return self.final_layer(tokens, c_vec)
 
     def prepare_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
@@ -229,18 +245,49 @@ class TextConditionedDiT(LuminaDiT):
             )
         if cap_mask.shape != cap_feats.shape[:2]:
             raise ValueError(f"cap_mask shape {tuple(cap_mask.shape)} does not match features {tuple(cap_feats.shape)}")
-        dtype = self.get_compute_dtype()
+        mask = self._real_tokens(cap_feats, cap_mask)
+        feats = cap_feats.to(self.get_compute_dtype())
+        text_kv = [layer.text_kv(feats) for layer in self.layers]
+        return TextContext(cap_emb=self._caption_embedding(cap_feats, mask), text_kv=text_kv,
+                           text_mask=mask[:, None, None, :])
+
+    def _real_tokens(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
         mask = cap_mask.to(device=cap_feats.device, dtype=torch.bool)
         # A data-dependent check: skipped while torch.compile traces (it would break the graph), kept in eager mode.
         if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
             raise ValueError(f"every prompt needs at least one real token in cap_mask ({self.bos_hint})")
-        # Masked mean over the real tokens, in fp32.
+        return mask
+
+    def _caption_embedding(self, cap_feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The adaLN caption embedding: the masked mean over the real tokens (in fp32), embedded."""
         m = mask.unsqueeze(-1).float()
         pooled = (cap_feats.float() * m).sum(dim=1) / m.sum(dim=1)
-        cap_emb = self.cap_embedder[1](self.cap_embedder[0](pooled).to(dtype))
-        feats = cap_feats.to(dtype)
+        return self.cap_embedder[1](self.cap_embedder[0](pooled).to(self.get_compute_dtype()))
+
+    def region_token_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """[N, R, h, w] latent weights of the regions -> [N, R, image tokens] in this DiT's token order."""
+        return token_weights(weights, self.config.patch_size)
+
+    def prepare_regions(self, conds, batch: int = 1, device=None) -> TextContext:
+        """The text work of a text by region (`lumina_core.models.regions`): conds, a list of RegionTexts and
+        (features, mask) pairs (one caption over the whole image), stacked as `batch_regions` does. The adaLN embedding
+        pools each row's global caption; the caption keys and values are those of every region's caption."""
+        regions = batch_regions(conds, batch, device)
+        n, r, length, width = regions.feats.shape
+        if width != self.config.cap_feat_dim:
+            raise ValueError(
+                f"region text features are {width} wide, this {self.dit_title} expects {self.config.cap_feat_dim} "
+                f"(its cap_feat_dim); {self.text_hint}"
+            )
+        mask = regions.mask.reshape(n * r, length)
+        if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
+            raise ValueError(f"every region caption needs at least one real token ({self.bos_hint})")
+        pooled_mask = self._real_tokens(regions.pooled_feats, regions.pooled_mask)
+        feats = regions.feats.reshape(n * r, length, width).to(self.get_compute_dtype())
         text_kv = [layer.text_kv(feats) for layer in self.layers]
-        return TextContext(cap_emb=cap_emb, text_kv=text_kv, text_mask=mask[:, None, None, :])
+        return TextContext(cap_emb=self._caption_embedding(regions.pooled_feats, pooled_mask), text_kv=text_kv,
+                           text_mask=mask[:, None, None, :],
+                           region_weights=self.region_token_weights(regions.weights.to(feats.device)))
 
 
 @torch.no_grad()

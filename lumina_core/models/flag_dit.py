@@ -26,6 +26,7 @@ from .layers import (
     rope_cos_sin,
     to_patches,
 )
+from .regions import token_weights
 
 EXTRAPOLATIONS = ("t2i", "time_aware", "off")
 
@@ -79,10 +80,11 @@ class TransformerBlock(nn.Module):
     def text_kv(self, cap_feats: torch.Tensor):
         return self.attention.text_kv(self.attention_y_norm(cap_feats))
 
-    def forward(self, x, c, cos, sin, softmax_scale, text_k, text_v, text_mask):
+    def forward(self, x, c, cos, sin, softmax_scale, text_k, text_v, text_mask, region_weights=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = modulate(self.attention_norm(x), shift_msa, scale_msa)
-        x = x + gate_msa.unsqueeze(1) * self.attention(h, cos, sin, softmax_scale, text_k, text_v, text_mask)
+        x = x + gate_msa.unsqueeze(1) * self.attention(h, cos, sin, softmax_scale, text_k, text_v, text_mask,
+                                                       region_weights)
         h = modulate(self.ffn_norm(x), shift_mlp, scale_mlp)
         x = x + gate_mlp.unsqueeze(1) * self.feed_forward(h)
         return x
@@ -133,6 +135,11 @@ class FlagDiT(TextConditionedDiT):
             seq_len, self.config.head_dim, theta=self.config.rope_theta, ntk_factor=ntk_factor,
             scaling_factor=scaling, device=device,
         ))
+
+    def region_token_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Region weights per token (text by region, an extension of Lumina-Next's compositional generation to the
+        Flag-DiT): each patch's mean weight, and each row's end-of-line token the mean of its row."""
+        return token_weights(weights, self.config.patch_size, end_of_line=True)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, (H/p)*(W/p + 1), dim]: patches ordered (C, pH, pW), an eol token per row."""

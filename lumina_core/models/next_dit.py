@@ -72,11 +72,12 @@ class NextDiTBlock(nn.Module):
     def text_kv(self, cap_feats: torch.Tensor):
         return self.attention.text_kv(self.attention_y_norm(cap_feats))
 
-    def forward(self, x, c, cos, sin, softmax_scale, text_k, text_v, text_mask):
+    def forward(self, x, c, cos, sin, softmax_scale, text_k, text_v, text_mask, region_weights=None):
         # adaLN without shift; the gates pass through tanh; each branch is normed before and after (sandwich).
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         h = self.attention(
-            _modulate(self.attention_norm1(x), scale_msa), cos, sin, softmax_scale, text_k, text_v, text_mask
+            _modulate(self.attention_norm1(x), scale_msa), cos, sin, softmax_scale, text_k, text_v, text_mask,
+            region_weights,
         )
         x = x + gate_msa.unsqueeze(1).tanh() * self.attention_norm2(h)
         h = self.feed_forward(_modulate(self.ffn_norm1(x), scale_mlp))

@@ -70,7 +70,8 @@ def sample(
     model: a DiT with prepare_text/forward_with_text (its text work is then done once per generation), or any
     callable model(x, t, cap_feats, cap_mask, **extrapolation_keywords) -> velocity.
     noise: [B, 4, h, w] Gaussian noise (see make_noise); its device and dtype are the sampler's.
-    cond, uncond: (features [1 or B, L, D], mask [1 or B, L]); uncond is unused (may be None) when cfg == 1.
+    cond, uncond: (features [1 or B, L, D], mask [1 or B, L]), or a text by region (`lumina_core.models.regions`);
+    uncond is unused (may be None) when cfg == 1.
     init_latent: model-space latent for img2img; the start is noise*(1-t0) + init_latent*t0.
     solver "dpm" runs on its own grid (`schedule.dpm_time_grid`: steps >= 2 intervals, one evaluation each; denoise
     cuts it as it cuts the others).
@@ -125,13 +126,21 @@ def sample(
         raise ValueError("cfg != 1 needs a negative (unconditional) text condition")
 
     prepared = hasattr(model, "prepare_text") and hasattr(model, "forward_with_text")
+    # A text by region (lumina_core.models.regions.RegionText) needs a DiT that prepares one.
+    by_region = any(getattr(c, "by_region", False) for c in (cond, uncond))
+    if by_region and not (prepared and hasattr(model, "prepare_regions")):
+        raise ValueError(f"text by region needs a Flag-DiT or Next-DiT; {type(model).__name__} takes one caption")
     texts = {}
 
     def text(with_uncond: bool):
         # Batched [cond, uncond] text for guided evaluations, cond alone for the others; each made (and with a
         # prepare_text model prepared) once, when first needed.
         if with_uncond not in texts:
-            feats, mask = batch_text([cond, uncond] if with_uncond else [cond], b, device)
+            conds = [cond, uncond] if with_uncond else [cond]
+            if any(getattr(c, "by_region", False) for c in conds):
+                texts[with_uncond] = model.prepare_regions(conds, b, device)
+                return texts[with_uncond]
+            feats, mask = batch_text(conds, b, device)
             texts[with_uncond] = model.prepare_text(feats, mask) if prepared else (feats, mask)
         return texts[with_uncond]
 
