@@ -7,6 +7,7 @@ from .conditioning import LuminaLoadConditioning, LuminaSaveConditioning
 from .latent import LuminaEmptyLatent
 from .loaders import LuminaDiTLoader, LuminaFlagDiTLoader, LuminaLlamaLoader, LuminaTextEncoderLoader
 from .lora import LuminaLoraLoader
+from .region_grid import LuminaRegionGrid
 from .sampling import LuminaCFGGuider, LuminaODESampler, LuminaSampler, LuminaSigmas
 from .text import LuminaTextEncode
 
@@ -17,6 +18,7 @@ _NODES = (
     (LuminaFlagDiTLoader, "Lumina Load Flag-DiT"),
     (LuminaLoraLoader, "Lumina LoRA Loader"),
     (LuminaTextEncode, "Lumina Text Encode"),
+    (LuminaRegionGrid, "Lumina Region Grid"),
     (LuminaSampler, "Lumina Sampler"),
     (LuminaSigmas, "Lumina Sigmas"),
     (LuminaODESampler, "Lumina ODE Sampler"),

@@ -18,6 +18,7 @@ from . import comfy_gguf, flow_model
 from .comfy_env import IN_COMFYUI, comfy, plain_dtype
 from .common import text_from_conditioning
 from .flow_model import comfy_dit_class
+from .regions import GLOBAL_CAPTION_KEY, POOLED, POOLED_MASK, calc_cond_batch_wrapper
 
 LUMINA_SHIFT = 4.0
 WRAPPER_KEY = "lumina_t2i"
@@ -90,6 +91,10 @@ if IN_COMFYUI:
                 out["c_crossattn"] = LuminaTextCond(features)
                 # int64 so that BaseModel passes it on uncast (float conds are cast to the weights' dtype).
                 out["attention_mask"] = LuminaTextCond(mask.to(torch.int64))
+                global_caption = kwargs.get(GLOBAL_CAPTION_KEY)
+                if global_caption is not None:  # LuminaRegionGrid's: it conditions adaLN (nodes/regions.py)
+                    out[POOLED] = LuminaTextCond(global_caption[0])
+                    out[POOLED_MASK] = LuminaTextCond(global_caption[1].to(torch.int64))
             return out
 
 
@@ -197,5 +202,7 @@ def register_sampling_wrappers(patcher) -> None:
     wrappers = comfy.patcher_extension.WrappersMP
     patcher.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, flow_model.outer_sample_wrapper)
     patcher.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, flow_model.apply_model_wrapper)
+    # Area and mask conditioning as region captions in one forward (nodes/regions.py).
+    patcher.add_wrapper_with_key(wrappers.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
 
 

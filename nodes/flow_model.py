@@ -27,8 +27,11 @@ from lumina_core.families import LUMINA_T2I, family_of
 from lumina_core.models.blocks import LuminaDiT, TextContext
 from lumina_core.models.flag_dit import FlagDiT
 from lumina_core.models.next_dit import NextDiT, decide_rope_factors
+from lumina_core.models.regions import RegionText
 from lumina_core.models.unified_next_dit import UnifiedNextDiT
 from lumina_core.sampling.loop import EXTRAPOLATIONS
+
+from .regions import POOLED, POOLED_MASK, REGION_WEIGHTS, region_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +87,34 @@ class TextCache:
         self.entries: dict = {}
         self.prepared = 0
 
-    def get(self, dit, key, context: torch.Tensor, mask: torch.Tensor) -> TextContext:
+    def get(self, dit, key, context: torch.Tensor, mask: torch.Tensor,
+            regions: Optional[RegionText] = None) -> TextContext:
+        tensors = (context, mask) if regions is None else (
+            regions.feats, regions.mask, regions.weights, regions.pooled_feats, regions.pooled_mask)
         entry = self.entries.get(key)
         if entry is not None:
-            old_context, old_mask, text = entry
-            if (old_context.shape == context.shape and old_mask.shape == mask.shape
-                    and torch.equal(old_context, context) and torch.equal(old_mask, mask)):
+            old, text = entry
+            if len(old) == len(tensors) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(old, tensors)):
                 return text
-        text = dit.prepare_text(context, mask)
+        text = _prepare(dit, context, mask, regions)
         self.prepared += 1
-        self.entries[key] = (context, mask, text)
+        self.entries[key] = (tensors, text)
         return text
+
+
+def _prepare(dit, context, mask, regions: Optional[RegionText]) -> TextContext:
+    return dit.prepare_text(context, mask) if regions is None else dit.prepare_regions([regions], context.shape[0])
+
+
+def _region_text(context: torch.Tensor, mask: torch.Tensor, regions: dict) -> Optional[RegionText]:
+    """The text by region of a call whose context is [B, R, L, D] (merged area conditioning, nodes/regions.py)."""
+    if context.ndim != 4:
+        return None
+    missing = [k for k in (REGION_WEIGHTS, POOLED, POOLED_MASK) if regions.get(k) is None]
+    if missing:
+        raise ValueError(f"region text features {tuple(context.shape)} came without {', '.join(missing)}")
+    return RegionText(context, mask, regions[REGION_WEIGHTS].float(), regions[POOLED].to(context),
+                      regions[POOLED_MASK].to(context.device) != 0)
 
 
 def _text_mask(context: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -111,10 +131,12 @@ def _extrapolation_mode(options: dict, default: str) -> str:
 
 
 def make_step(dit, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-              attention_mask: Optional[torch.Tensor], transformer_options: dict) -> LuminaStep:
+              attention_mask: Optional[torch.Tensor], transformer_options: dict, **regions) -> LuminaStep:
     """The LuminaStep of one call: t from the network sigma, the text from the generation's cache (or prepared
     now when there is none), and the step's extrapolation (the Next-DiT's time-aware switch decided at t) with the
-    RoPE tables of this size computed ahead into the text's cache, so that the forward only reads them."""
+    RoPE tables of this size computed ahead into the text's cache, so that the forward only reads them.
+
+    regions: the model conds of a text by region (nodes/regions.py), with context [B, R, L, D]."""
     options = transformer_options or {}
     network_sigma = options.get(NETWORK_SIGMA_OPTION)
     if network_sigma is not None:
@@ -122,12 +144,13 @@ def make_step(dit, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
     # In sigma's precision, then fp32: a float64 sigma (the Lumina ODE sampler's) gives the solver's t rounded once.
     t = lumina_t_from_sigma(sigma).float().to(x.device)
     mask = _text_mask(context, attention_mask)
+    by_region = _region_text(context, mask, regions)
     cache = options.get(TEXT_CACHE_OPTION)
     if cache is None:
-        text = dit.prepare_text(context, mask)
+        text = _prepare(dit, context, mask, by_region)
     else:
         key = (tuple(options.get("uuids") or ()), tuple(options.get("cond_or_uncond") or ()), str(x.device))
-        text = cache.get(dit, key, context, mask)
+        text = cache.get(dit, key, context, mask, by_region)
     # One sampling step shares one t across the batch; time-aware extrapolation switches on it.
     family = family_of(dit)
     mode = _extrapolation_mode(options, family.defaults.extrapolation)
@@ -161,7 +184,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     dit = getattr(dit, "_orig_mod", dit)  # a torch.compile'd module wraps the DiT
     if c_crossattn is not None and isinstance(dit, LuminaDiT):
         kwargs[STEP_KWARG] = make_step(dit, x, t, c_crossattn.to(x.device), kwargs.get("attention_mask"),
-                                       transformer_options)
+                                       transformer_options, **region_kwargs(kwargs))
     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
@@ -212,7 +235,8 @@ class ComfyFlowMixin:
                     f"No text conditioning reached the {family.title} {family.dit_title}: connect the sampler's "
                     f"positive and negative inputs to Lumina Text Encode nodes."
                 )
-            lumina_step = make_step(self, x, timesteps, context, attention_mask, transformer_options or {})
+            lumina_step = make_step(self, x, timesteps, context, attention_mask, transformer_options or {},
+                                    **region_kwargs(kwargs))
         step = lumina_step
         return comfy_output_from_velocity(self.forward_with_text(x, step.t, step.text, **step.extrapolation))
 

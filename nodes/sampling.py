@@ -20,8 +20,9 @@ from lumina_core.sampling.schedule import sampling_grid, sigmas_from_time_grid
 from lumina_core.sampling.solvers import SOLVERS
 
 from . import comfy_env, comfy_model, comfy_sampling
-from .common import check_latent, text_from_conditioning
+from .common import check_latent
 from .latent import latent_for_family
+from .regions import conditioning_text
 
 MAX_STEPS = 10000
 # cfg_trunc / renorm_cfg value meaning "the model family's default" (any negative value does).
@@ -116,7 +117,9 @@ class LuminaSampler:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "From Lumina Load DiT (or Lumina Load Flag-DiT)."}),
-                "positive": ("CONDITIONING", {"tooltip": "From Lumina Text Encode: the prompt."}),
+                "positive": ("CONDITIONING", {"tooltip": "From Lumina Text Encode: the prompt. Area or mask "
+                             "conditioning (ConditioningSetArea, ConditioningSetMask, ConditioningCombine) or Lumina "
+                             "Region Grid: a caption per region, in one forward per step (Lumina-T2I, Lumina-Next)."}),
                 "negative": (
                     "CONDITIONING",
                     {"tooltip": "From Lumina Text Encode: the negative prompt (empty text as the original)."},
@@ -193,8 +196,10 @@ class LuminaSampler:
         raw = latent_for_family(check_latent(latent_image), family)
         fmt = family.latent_format
         cap = dit.config.cap_feat_dim
-        cond = text_from_conditioning(positive, cap, "positive", family=dit.family)
-        uncond = text_from_conditioning(negative, cap, "negative", family=dit.family) if cfg != 1.0 else None
+        # One entry: its text; area, mask or combined conditioning: a caption per region (nodes/regions.py).
+        size = raw.shape[-2:]
+        cond = conditioning_text(positive, cap, "positive", dit.family, size)
+        uncond = conditioning_text(negative, cap, "negative", dit.family, size) if cfg != 1.0 else None
         out = {k: v for k, v in latent_image.items() if k != "downscale_ratio_spacial"}
         if comfy_env.IN_COMFYUI:
             out["samples"] = self._sample_in_comfyui(

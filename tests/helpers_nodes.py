@@ -88,6 +88,25 @@ CORE_NODES = {
         "output": ["GUIDER"],
         "widgets_count": 0,
     },
+    "ConditioningCombine": {
+        "input": {"required": {"conditioning_1": ["CONDITIONING"], "conditioning_2": ["CONDITIONING"]}},
+        "output": ["CONDITIONING"],
+        "widgets_count": 0,
+    },
+    "ConditioningSetAreaPercentage": {
+        "input": {
+            "required": {
+                "conditioning": ["CONDITIONING"],
+                "width": ["FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}],
+                "height": ["FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}],
+                "x": ["FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}],
+                "y": ["FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}],
+                "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}],
+            }
+        },
+        "output": ["CONDITIONING"],
+        "widgets_count": 5,
+    },
     "KSamplerSelect": {
         "input": {"required": {"sampler_name": [["euler", "euler_ancestral", "heun", "dpmpp_2m", "lms"]]}},
         "output": ["SAMPLER"],
@@ -99,6 +118,25 @@ CORE_NODES = {
         },
         "output": ["NOISE"],
         "widgets_count": 2,
+    },
+    "KSampler": {
+        "input": {
+            "required": {
+                "model": ["MODEL"],
+                "seed": ["INT", {"default": 0, "min": 0, "max": _U64, "control_after_generate": True}],
+                "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+                "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+                "sampler_name": [["euler", "euler_ancestral", "heun", "dpmpp_2m", "res_multistep", "lms"]],
+                "scheduler": [["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                               "linear_quadratic", "kl_optimal"]],
+                "positive": ["CONDITIONING"],
+                "negative": ["CONDITIONING"],
+                "latent_image": ["LATENT"],
+                "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}],
+            }
+        },
+        "output": ["LATENT"],
+        "widgets_count": 7,
     },
     "SamplerCustomAdvanced": {
         "input": {

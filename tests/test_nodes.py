@@ -30,6 +30,7 @@ EXPECTED_NODES = {
     "LuminaFlagDiTLoader",
     "LuminaLoraLoader",
     "LuminaTextEncode",
+    "LuminaRegionGrid",
     "LuminaSampler",
     "LuminaSigmas",
     "LuminaEmptyLatent",
@@ -295,8 +296,6 @@ def test_sampler_refusals_say_what_to_connect(loaded):
     narrow = make_conditioning(torch.zeros(1, 3, 16), torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="expects 32"):
         _run_sampler(loaded, latent, negative=narrow)
-    with pytest.raises(ValueError, match="one prompt per input"):
-        _run_sampler(loaded, latent, positive=loaded["pos"] + loaded["pos"])
     (features, extras), = loaded["pos"]
     concatenated = [[torch.cat([features, features], dim=1), extras]]  # what ConditioningConcat makes
     with pytest.raises(ValueError, match="ConditioningConcat"):

@@ -41,6 +41,14 @@ DIT_LOADERS = ("LuminaFlagDiTLoader", "LuminaDiTLoader")
 TEXT_ENCODER_LOADERS = ("LuminaLlamaLoader", "LuminaTextEncoderLoader")
 
 
+# ComfyUI's conditioning nodes a workflow may put between the text and a sampler (areas, combined prompts): the
+# text comes from their conditioning inputs.
+CONDITIONING_TRANSFORMS = {"ConditioningCombine": ("conditioning_1", "conditioning_2"),
+                           "ConditioningSetAreaPercentage": ("conditioning",)}
+# Pack nodes that encode text themselves (from a text_encoder input).
+TEXT_NODES = ("LuminaTextEncode", "LuminaRegionGrid")
+
+
 def _nodes(wf, type_=None):
     return [n for n in wf["nodes"] if type_ is None or n["type"] == type_]
 
@@ -57,6 +65,14 @@ def _source(wf, node, input_name):
     """The node feeding `input_name` of `node`."""
     inp = next(i for i in node["inputs"] if i["name"] == input_name)
     return _by_id(wf)[_links(wf)[inp["link"]][1]]
+
+
+def _text_sources(wf, node, input_name):
+    """The nodes the text of a CONDITIONING input comes from, through ComfyUI's conditioning nodes."""
+    source = _source(wf, node, input_name)
+    if source["type"] in CONDITIONING_TRANSFORMS:
+        return [s for name in CONDITIONING_TRANSFORMS[source["type"]] for s in _text_sources(wf, source, name)]
+    return [source]
 
 
 def _widgets_count(type_):
@@ -171,13 +187,12 @@ def test_samplers_take_lumina_text_and_models(name):
     for node in _nodes(wf, "LuminaSampler") + _nodes(wf, "CFGGuider"):
         dit = _source(wf, node, "model")
         assert dit["type"] in DIT_LOADERS
-        for which in ("positive", "negative"):
-            encode = _source(wf, node, which)
+        for encode in [s for which in ("positive", "negative") for s in _text_sources(wf, node, which)]:
             if encode["type"] == "LuminaLoadConditioning":  # a saved encoding: no text encoder in this workflow
                 continue
             if encode["type"] == "LuminaSaveConditioning":  # passes the encoding through while saving it
                 encode = _source(wf, encode, "conditioning")
-            assert encode["type"] == "LuminaTextEncode"
+            assert encode["type"] in TEXT_NODES
             loader = _source(wf, encode, "text_encoder")
             assert loader["type"] in TEXT_ENCODER_LOADERS
             # The DiT and the text encoder belong to one family (the README's file names say which).
@@ -250,6 +265,40 @@ def test_comfy_custom_sampler_with_lumina_sigmas():
         return False
 
     assert _scenario(custom)
+
+
+def test_compositional_2x2_grid_of_the_original_demo():
+    def grid(wf):
+        for sampler in _nodes(wf, "LuminaSampler"):
+            source = _source(wf, sampler, "positive")
+            if source["type"] != "LuminaRegionGrid" or _source(wf, sampler, "negative") is not source:
+                continue
+            v = widget_values(source, PACK["LuminaRegionGrid"])
+            s = widget_values(sampler, PACK["LuminaSampler"])
+            if (v["rows"], v["columns"]) == (2, 2) and len([c for c in v["captions"].splitlines() if c.strip()]) == 4 \
+                    and (s["solver"], s["steps"], s["cfg"], s["shift"]) == ("midpoint", 29, 4.0, 4.0):
+                return True
+        return False
+
+    assert _scenario(grid)
+
+
+def test_area_conditioning_with_comfyuis_nodes_in_ksampler():
+    def upstream(wf, node):
+        """node and every node feeding it conditioning."""
+        feeding = [_source(wf, node, i["name"]) for i in node["inputs"] if i["type"] == "CONDITIONING"]
+        return [node] + [n for f in feeding for n in upstream(wf, f)]
+
+    def areas(wf):
+        for sampler in _nodes(wf, "KSampler"):
+            positive = _source(wf, sampler, "positive")
+            kinds = [n["type"] for n in upstream(wf, positive)]
+            if (positive["type"] == "ConditioningCombine" and kinds.count("ConditioningSetAreaPercentage") >= 2
+                    and len(_text_sources(wf, sampler, "positive")) >= 3):
+                return True
+        return False
+
+    assert _scenario(areas)
 
 
 def _next_samplers(wf):
