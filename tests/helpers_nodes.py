@@ -20,8 +20,16 @@ LLAMA_NAME = "Llama-2-7b-hf"
 NEXT_DIT_NAME = "lumina_next_sft.safetensors"
 GEMMA_NAME = "gemma-2b"
 VAE_NAME = "sdxl_vae.safetensors"
+# Lumina-Image-2.0: ComfyUI's split files, its all-in-one checkpoint, and the FLUX AE.
+LUMINA2_DIT_NAME = "lumina_2_model_bf16.safetensors"
+GEMMA2_NAME = "gemma_2_2b_fp16.safetensors"
+LUMINA2_ALL_IN_ONE_NAME = "lumina_2.safetensors"
+FLUX_VAE_NAME = "ae.safetensors"
 
 TINY_HIDDEN = 32  # tiny LLaMA hidden size = tiny Flag-DiT cap_feat_dim
+# The tiny Gemma-2's attention as a single file must have it: heads of the released head_dim (256), which is what a
+# file without config.json is read with.
+TINY_GEMMA2_HEADS = {"head_dim": 256, "num_attention_heads": 2, "num_key_value_heads": 1, "query_pre_attn_scalar": 256}
 
 # UI-only node types that never reach the server.
 FRONTEND_ONLY = {"MarkdownNote": 1, "Note": 1}  # type -> widget count
@@ -34,7 +42,7 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 # "widgets_count" is the length of widgets_values the frontend saves (LoadImage saves its upload button too).
 CORE_NODES = {
     "VAELoader": {
-        "input": {"required": {"vae_name": [[VAE_NAME]]}},
+        "input": {"required": {"vae_name": [[FLUX_VAE_NAME, VAE_NAME]]}},
         "output": ["VAE"],
         "widgets_count": 1,
     },
@@ -137,6 +145,17 @@ CORE_NODES = {
         },
         "output": ["LATENT"],
         "widgets_count": 7,
+    },
+    "EmptySD3LatentImage": {
+        "input": {
+            "required": {
+                "width": ["INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}],
+                "height": ["INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}],
+                "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
+            }
+        },
+        "output": ["LATENT"],
+        "widgets_count": 3,
     },
     "SamplerCustomAdvanced": {
         "input": {
@@ -247,11 +266,16 @@ def load_workflows() -> dict[str, dict]:
 # Tiny models under the README names
 
 
-def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lumina_next: bool = False) -> dict:
+def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lumina_next: bool = False,
+                     lumina2: bool = False, flux_vae=None) -> dict:
     """models/diffusion_models/<DIT_NAME> (a tiny Flag-DiT in the released key layout) and
     models/text_encoders/<LLAMA_NAME>/ (a tiny LLaMA folder) under `root`; returns their paths.
 
     lumina_next: also <NEXT_DIT_NAME> (a tiny Next-DiT, original layout) and <GEMMA_NAME>/ (a tiny Gemma folder).
+    lumina2: also Lumina-Image-2.0 as ComfyUI distributes it: <LUMINA2_DIT_NAME> (a tiny Unified Next-DiT in bf16,
+    cap_feat_dim = hidden_size), text_encoders/<GEMMA2_NAME> (a tiny Gemma-2 as ComfyUI's single file, fp16, its
+    tokenizer inside) and checkpoints/<LUMINA2_ALL_IN_ONE_NAME> (the same DiT and Gemma-2 in the all-in-one layout,
+    with the VAE file `flux_vae` under `vae.`, or two stand-in tensors when none is given).
     """
     from lumina_core.tiny import make_tiny_llama_folder, write_tiny_flag_dit
 
@@ -267,7 +291,39 @@ def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lum
 
         paths["next"] = write_tiny_next_dit(dit_dir / NEXT_DIT_NAME, seed, cap_feat_dim=hidden_size)
         paths["gemma"] = Path(make_tiny_gemma_folder(te_dir / GEMMA_NAME, hidden_size, seed))
+    if lumina2:
+        paths.update(_write_tiny_lumina2(root, hidden_size, seed, flux_vae))
     return paths
+
+
+def _write_tiny_lumina2(root: Path, hidden_size: int, seed: int, flux_vae) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers_gemma2 import (
+        make_tiny_gemma2_state_dict,
+        tiny_gemma2_config_json,
+        tiny_gemma2_spiece_model,
+        write_comfy_gemma2_single_file,
+    )
+    from tests.reference_lumina2 import TINY, random_state_dict
+
+    dit = {k: v.to(torch.bfloat16).contiguous()
+           for k, v in random_state_dict(dict(TINY, cap_feat_dim=hidden_size), seed).items()}
+    dit_path = root / "diffusion_models" / LUMINA2_DIT_NAME
+    save_file(dit, str(dit_path))
+    gemma2 = make_tiny_gemma2_state_dict(tiny_gemma2_config_json(hidden_size, **TINY_GEMMA2_HEADS), seed)
+    spiece = tiny_gemma2_spiece_model()
+    te_path = write_comfy_gemma2_single_file(root / "text_encoders" / GEMMA2_NAME, gemma2, spiece)
+    if flux_vae is not None:
+        vae = load_file(str(flux_vae))
+    else:  # not a VAE ComfyUI can build, only its place in the file
+        g = torch.Generator().manual_seed(seed)
+        vae = {"decoder.conv_in.weight": torch.randn(8, 16, 3, 3, generator=g),
+               "encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g)}
+    all_in_one = write_comfy_gemma2_single_file(root / "checkpoints" / LUMINA2_ALL_IN_ONE_NAME, gemma2, spiece,
+                                                all_in_one=True, dit_state=dit, vae_state=vae)
+    return {"lumina2": dit_path, "gemma2": te_path, "lumina2_all_in_one": all_in_one}
 
 
 # Run by ComfyUI's own python: a random SDXL-shaped VAE built with ComfyUI's AutoencoderKL (the class its VAE
@@ -291,4 +347,32 @@ with torch.no_grad():
         else:
             p.zero_()
 save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, sys.argv[1])
+"""
+
+
+# Run by ComfyUI's own python: a random FLUX-shaped AE (16 latent channels, no quant convs) built with the classes
+# ComfyUI's VAE loader builds for that key layout (AutoencodingEngine with the ldm Encoder/Decoder), every parameter
+# seeded, saved under the README name.
+FLUX_VAE_SCRIPT = r"""
+import math, sys, torch
+from safetensors.torch import save_file
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+from comfy.ldm.models.autoencoder import AutoencodingEngine
+ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+            "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+ae = AutoencodingEngine(
+    regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+    encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+    decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+gen = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for name, p in ae.named_parameters():
+        if p.ndim > 1:
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
+        elif name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+save_file({k: v.to(torch.float16).contiguous() for k, v in ae.state_dict().items()}, sys.argv[1])
 """

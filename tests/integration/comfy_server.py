@@ -31,7 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers_nodes import REPO, VAE_NAME, VAE_SCRIPT, make_tiny_models  # noqa: E402
+from tests.helpers_nodes import (  # noqa: E402
+    FLUX_VAE_NAME,
+    FLUX_VAE_SCRIPT,
+    REPO,
+    VAE_NAME,
+    VAE_SCRIPT,
+    make_tiny_models,
+)
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
@@ -180,19 +187,22 @@ def execution_error(entry: dict) -> str:
 
 
 def start_server(base: Path) -> Server:
-    """Lay out a ComfyUI base directory under `base` (tiny models under the README names, a random SDXL-shaped VAE,
-    an input image), link the pack into its custom_nodes and start a server on it."""
+    """Lay out a ComfyUI base directory under `base` (tiny models of every family under the README names, a random
+    SDXL-shaped VAE and a random FLUX-shaped AE, an input image), link the pack into its custom_nodes and start a
+    server on it."""
     check_comfyui_env()
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(exist_ok=True)
     models = base / "models"
-    make_tiny_models(models, lumina_next=True)
-    (models / "vae").mkdir(exist_ok=True)
-    for script, target in ((VAE_SCRIPT, models / "vae" / VAE_NAME), (INPUT_SCRIPT, base / "input" / INPUT_IMAGE)):
+    (models / "vae").mkdir(parents=True, exist_ok=True)
+    for script, target in ((VAE_SCRIPT, models / "vae" / VAE_NAME), (FLUX_VAE_SCRIPT, models / "vae" / FLUX_VAE_NAME),
+                           (INPUT_SCRIPT, base / "input" / INPUT_IMAGE)):
         result = subprocess.run([COMFYUI_PYTHON, "-c", script, str(target)], cwd=COMFYUI_DIR, capture_output=True,
                                 text=True)
         if result.returncode:
             pytest.fail(f"{COMFYUI_PYTHON} could not write {target.name}:\n{result.stderr[-3000:]}", pytrace=False)
+    # The all-in-one lumina_2.safetensors carries the FLUX AE, as the published file does.
+    make_tiny_models(models, lumina_next=True, lumina2=True, flux_vae=models / "vae" / FLUX_VAE_NAME)
     os.symlink(REPO, base / "custom_nodes" / PACK_DIR_NAME)
     server = Server(base)
     server.start()
@@ -218,12 +228,19 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+# ComfyUI's empty-latent nodes a workflow may start from (width and height in pixels).
+CORE_EMPTY_LATENTS = ("EmptySD3LatentImage", "EmptyLatentImage")
+
+
 def preset_size(prompt: dict, default=(64, 64)) -> tuple[int, int]:
-    """A small (width, height) with the aspect ratio of the prompt's Lumina Empty Latent preset: 1/16 of it."""
+    """A small (width, height) with the aspect ratio of the prompt's Lumina Empty Latent preset, or of the size of
+    ComfyUI's empty latent: 1/16 of it."""
     for node in prompt.values():
         if node["class_type"] == "LuminaEmptyLatent" and node["inputs"].get("resolution", "custom") != "custom":
             w, h = (int(v) for v in node["inputs"]["resolution"].split("x"))
             return w // 16, h // 16
+        if node["class_type"] in CORE_EMPTY_LATENTS:
+            return int(node["inputs"]["width"]) // 16, int(node["inputs"]["height"]) // 16
     return default
 
 
@@ -233,7 +250,7 @@ def small_prompt(prompt: dict, width: int, height: int) -> dict:
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "LuminaEmptyLatent":
             inputs.update(resolution="custom", width=width, height=height)
-        elif kind == "ImageScale":
+        elif kind in ("ImageScale",) + CORE_EMPTY_LATENTS:
             inputs.update(width=width, height=height)
         elif kind == "LoadImage":
             inputs["image"] = INPUT_IMAGE

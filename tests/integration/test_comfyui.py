@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers_nodes import (  # noqa: E402
     DIT_NAME,
     LLAMA_NAME,
+    LUMINA2_ALL_IN_ONE_NAME,
+    LUMINA2_DIT_NAME,
     NEXT_DIT_NAME,
     REPO,
     VAE_NAME,
@@ -78,9 +80,10 @@ def test_nodes_registered_without_import_errors(server):
         assert info is not None, f"{node_id} is not registered"
         assert info["display_name"] == display
         assert info["category"].startswith("Lumina/")
-    # The models tree holds a tiny Lumina-Next DiT too (for the Lumina-Next workflows).
+    # The models tree holds tiny Lumina-Next and Lumina-Image-2.0 DiTs too (for their workflows), the latter also as
+    # the all-in-one file in models/checkpoints.
     assert server.object_info["LuminaFlagDiTLoader"]["input"]["required"]["dit_name"][0] == sorted(
-        [DIT_NAME, NEXT_DIT_NAME])
+        [DIT_NAME, NEXT_DIT_NAME, LUMINA2_DIT_NAME, LUMINA2_ALL_IN_ONE_NAME])
     assert server.object_info["LuminaLlamaLoader"]["input"]["required"]["llama_folder"][0] == [LLAMA_NAME]
 
 
@@ -127,13 +130,14 @@ def test_comfy_samplers_match_lumina_sampler(server):
     prompt["lumina"] = {"class_type": "LuminaSampler", "inputs": {
         "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
         "seed": seed, "steps": steps, "cfg": cfg, "solver": "euler", "shift": shift, "denoise": 1.0,
-        "extrapolation": "t2i", "guidance": "all"}}
+        "extrapolation": "t2i", "guidance": "all", "cfg_trunc": -1.0, "renorm_cfg": -1.0}}
     prompt.update({
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
         "guider": {"class_type": "CFGGuider",
                    "inputs": {"model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": cfg}},
         "euler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "sigmas": {"class_type": "LuminaSigmas", "inputs": {"steps": steps, "shift": shift, "denoise": 1.0}},
+        "sigmas": {"class_type": "LuminaSigmas",
+                   "inputs": {"steps": steps, "shift": shift, "denoise": 1.0, "solver": "euler"}},
         "custom": {"class_type": "SamplerCustomAdvanced", "inputs": {
             "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["euler", 0], "sigmas": ["sigmas", 0],
             "latent_image": ["lat", 0]}},
@@ -249,7 +253,7 @@ def test_sampler_refuses_wrong_latent_size_with_nearest_sizes(server):
     prompt["lumina"] = {"class_type": "LuminaSampler", "inputs": {
         "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["bad", 0],
         "seed": 0, "steps": 2, "cfg": 4.0, "solver": "euler", "shift": 4.0, "denoise": 1.0,
-        "extrapolation": "t2i", "guidance": "faithful"}}
+        "extrapolation": "t2i", "guidance": "faithful", "cfg_trunc": -1.0, "renorm_cfg": -1.0}}
     _save(prompt, "bad", ["lumina", 0])
     entry = server.wait(server.queue(prompt))
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
@@ -271,7 +275,7 @@ def test_interrupt_stops_the_lumina_sampler(server):
     prompt["lumina"] = {"class_type": "LuminaSampler", "inputs": {
         "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
         "seed": 3, "steps": 10000, "cfg": 4.0, "solver": "euler", "shift": 4.0, "denoise": 1.0,
-        "extrapolation": "t2i", "guidance": "faithful"}}
+        "extrapolation": "t2i", "guidance": "faithful", "cfg_trunc": -1.0, "renorm_cfg": -1.0}}
     _save(prompt, "long", ["lumina", 0])
     prompt_id = server.queue(prompt)
     deadline = time.monotonic() + 120

@@ -20,8 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.helpers_nodes import (  # noqa: E402
     DIT_NAME,
+    GEMMA2_NAME,
     GEMMA_NAME,
     LLAMA_NAME,
+    LUMINA2_ALL_IN_ONE_NAME,
+    LUMINA2_DIT_NAME,
     NEXT_DIT_NAME,
     REPO,
     load_workflows,
@@ -57,9 +60,10 @@ def test_family_loaders_registered_and_list_both_families(server):
         info = server.object_info[node_id]
         assert info["display_name"] == display and info["category"] == "Lumina/loaders"
     required = server.object_info["LuminaTextEncoderLoader"]["input"]["required"]
-    assert required["text_encoder_folder"][0] == sorted([GEMMA_NAME, LLAMA_NAME])
+    # (and Lumina-Image-2.0's files, checked in test_comfyui_lumina2.py)
+    assert required["text_encoder_folder"][0] == sorted([GEMMA_NAME, LLAMA_NAME, GEMMA2_NAME, LUMINA2_ALL_IN_ONE_NAME])
     assert server.object_info["LuminaDiTLoader"]["input"]["required"]["dit_name"][0] == sorted(
-        [DIT_NAME, NEXT_DIT_NAME])
+        [DIT_NAME, NEXT_DIT_NAME, LUMINA2_DIT_NAME, LUMINA2_ALL_IN_ONE_NAME])
     # The older loaders stay, so saved Lumina-T2I workflows keep loading.
     assert "LuminaFlagDiTLoader" in server.object_info and "LuminaLlamaLoader" in server.object_info
 
@@ -103,12 +107,13 @@ def test_comfy_samplers_drive_the_next_dit_as_the_lumina_sampler(server):
         "lumina": {"class_type": "LuminaSampler", "inputs": {
             "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
             "seed": seed, "steps": steps, "cfg": cfg, "solver": "euler", "shift": shift, "denoise": 1.0,
-            "extrapolation": "time_aware", "guidance": "all"}},
+            "extrapolation": "time_aware", "guidance": "all", "cfg_trunc": -1.0, "renorm_cfg": -1.0}},
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
         "guider": {"class_type": "CFGGuider",
                    "inputs": {"model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": cfg}},
         "euler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "sigmas": {"class_type": "LuminaSigmas", "inputs": {"steps": steps, "shift": shift, "denoise": 1.0}},
+        "sigmas": {"class_type": "LuminaSigmas",
+                   "inputs": {"steps": steps, "shift": shift, "denoise": 1.0, "solver": "euler"}},
         "custom": {"class_type": "SamplerCustomAdvanced", "inputs": {
             "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["euler", 0], "sigmas": ["sigmas", 0],
             "latent_image": ["lat", 0]}},
