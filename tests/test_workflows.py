@@ -10,9 +10,13 @@ from tests.helpers_nodes import (
     CONTROL_VALUES,
     CORE_NODES,
     DIT_NAME,
+    FLUX_VAE_NAME,
     FRONTEND_ONLY,
+    GEMMA2_NAME,
     GEMMA_NAME,
     LLAMA_NAME,
+    LUMINA2_ALL_IN_ONE_NAME,
+    LUMINA2_DIT_NAME,
     NEXT_DIT_NAME,
     VAE_NAME,
     load_workflows,
@@ -27,18 +31,25 @@ WORKFLOWS = load_workflows()
 PACK = pack_object_info()
 KNOWN = {**CORE_NODES, **PACK}
 # Combo inputs listing model files: the workflows must use the README's names.
-MODEL_FILES = {("LuminaFlagDiTLoader", "dit_name"): DIT_NAME, ("LuminaLlamaLoader", "llama_folder"): LLAMA_NAME,
-               ("VAELoader", "vae_name"): VAE_NAME}
+MODEL_FILES = {("LuminaFlagDiTLoader", "dit_name"): DIT_NAME, ("LuminaLlamaLoader", "llama_folder"): LLAMA_NAME}
 # Saved encodings a workflow loads must be the first files some workflow's Lumina Save Conditioning writes.
 SAVED_CONDITIONING = {
     f"{n['widgets_values'][0]}_00001_.safetensors [output]"
     for wf in WORKFLOWS.values() for n in wf["nodes"] if n["type"] == "LuminaSaveConditioning"
 }
-# The family-detecting loaders take either family's file.
-MODEL_CHOICES = {("LuminaDiTLoader", "dit_name"): (DIT_NAME, NEXT_DIT_NAME),
-                 ("LuminaTextEncoderLoader", "text_encoder_folder"): (LLAMA_NAME, GEMMA_NAME)}
+# The family of each README file name; the family-detecting loaders take any family's file, and the VAE is the
+# family's (the SDXL VAE, or the FLUX AE for Lumina-Image-2.0).
+DIT_FAMILY = {DIT_NAME: "lumina_t2i", NEXT_DIT_NAME: "lumina_next", LUMINA2_DIT_NAME: "lumina2",
+              LUMINA2_ALL_IN_ONE_NAME: "lumina2"}
+TEXT_FAMILY = {LLAMA_NAME: "lumina_t2i", GEMMA_NAME: "lumina_next", GEMMA2_NAME: "lumina2",
+               LUMINA2_ALL_IN_ONE_NAME: "lumina2"}
+FAMILY_VAE = {"lumina_t2i": VAE_NAME, "lumina_next": VAE_NAME, "lumina2": FLUX_VAE_NAME}
+MODEL_CHOICES = {("LuminaDiTLoader", "dit_name"): tuple(DIT_FAMILY),
+                 ("LuminaTextEncoderLoader", "text_encoder_folder"): tuple(TEXT_FAMILY),
+                 ("VAELoader", "vae_name"): (VAE_NAME, FLUX_VAE_NAME)}
 DIT_LOADERS = ("LuminaFlagDiTLoader", "LuminaDiTLoader")
 TEXT_ENCODER_LOADERS = ("LuminaLlamaLoader", "LuminaTextEncoderLoader")
+SAMPLERS = ("LuminaSampler", "CFGGuider", "LuminaCFGGuider", "KSampler")
 
 
 # ComfyUI's conditioning nodes a workflow may put between the text and a sampler (areas, combined prompts): the
@@ -65,6 +76,14 @@ def _source(wf, node, input_name):
     """The node feeding `input_name` of `node`."""
     inp = next(i for i in node["inputs"] if i["name"] == input_name)
     return _by_id(wf)[_links(wf)[inp["link"]][1]]
+
+
+def _model_loader(wf, node):
+    """The loader the MODEL of `node` comes from, through the nodes that patch a MODEL (a LoRA loader, ...)."""
+    source = _source(wf, node, "model")
+    while source["type"] not in DIT_LOADERS and any(i["name"] == "model" for i in source["inputs"]):
+        source = _source(wf, source, "model")
+    return source
 
 
 def _text_sources(wf, node, input_name):
@@ -184,9 +203,11 @@ def test_converts_to_a_complete_api_prompt(name):
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
 def test_samplers_take_lumina_text_and_models(name):
     wf = WORKFLOWS[name]
-    for node in _nodes(wf, "LuminaSampler") + _nodes(wf, "CFGGuider"):
-        dit = _source(wf, node, "model")
+    families = set()
+    for node in [n for n in wf["nodes"] if n["type"] in SAMPLERS]:
+        dit = _model_loader(wf, node)
         assert dit["type"] in DIT_LOADERS
+        families.add(DIT_FAMILY[dit["widgets_values"][0]])
         for encode in [s for which in ("positive", "negative") for s in _text_sources(wf, node, which)]:
             if encode["type"] == "LuminaLoadConditioning":  # a saved encoding: no text encoder in this workflow
                 continue
@@ -196,9 +217,11 @@ def test_samplers_take_lumina_text_and_models(name):
             loader = _source(wf, encode, "text_encoder")
             assert loader["type"] in TEXT_ENCODER_LOADERS
             # The DiT and the text encoder belong to one family (the README's file names say which).
-            assert (dit["widgets_values"][0] == NEXT_DIT_NAME) == (loader["widgets_values"][0] == GEMMA_NAME)
+            assert DIT_FAMILY[dit["widgets_values"][0]] == TEXT_FAMILY[loader["widgets_values"][0]]
     for node in _nodes(wf, "VAEDecode") + _nodes(wf, "VAEEncode"):
-        assert _source(wf, node, "vae")["type"] == "VAELoader"
+        vae = _source(wf, node, "vae")
+        assert vae["type"] == "VAELoader"
+        assert {FAMILY_VAE[f] for f in families} == {vae["widgets_values"][0]}, "the VAE of the DiT's family"
     assert _nodes(wf, "SaveImage"), "every example saves its images"
 
 
@@ -319,3 +342,48 @@ def test_lumina_next_extrapolation_beyond_the_trained_area_with_time_aware_scali
 
     assert _scenario(lambda wf: big(wf) and any(v["extrapolation"] == "time_aware" and v["solver"] == "midpoint"
                                                  for v in _next_samplers(wf)))
+
+
+def _lumina2_workflows(dit_name, text_encoder_name):
+    """Lumina Sampler settings of the workflows sampling the Lumina-Image-2.0 DiT `dit_name` with text from
+    `text_encoder_name`, with the positive's system prompt and the negative's text."""
+    found = []
+    for name, wf in WORKFLOWS.items():
+        for sampler in _nodes(wf, "LuminaSampler"):
+            if _model_loader(wf, sampler)["widgets_values"][0] != dit_name:
+                continue
+            pos, neg = (widget_values(_source(wf, sampler, k), PACK["LuminaTextEncode"]) for k in ("positive", "negative"))
+            loaders = {_source(wf, _source(wf, sampler, k), "text_encoder")["widgets_values"][0]
+                       for k in ("positive", "negative")}
+            latent = widget_values(_source(wf, sampler, "latent_image"), PACK["LuminaEmptyLatent"])
+            if loaders == {text_encoder_name}:
+                found.append((name, widget_values(sampler, PACK["LuminaSampler"]), pos, neg, latent))
+    return found
+
+
+@pytest.mark.parametrize("dit_name, text_encoder_name", [(LUMINA2_DIT_NAME, GEMMA2_NAME),
+                                                         (LUMINA2_ALL_IN_ONE_NAME, LUMINA2_ALL_IN_ONE_NAME)],
+                         ids=["split_files", "all_in_one"])
+def test_lumina2_1024_with_the_original_demo_settings(dit_name, text_encoder_name):
+    demo = []
+    for name, v, pos, neg, latent in _lumina2_workflows(dit_name, text_encoder_name):
+        settings = (v["solver"], v["steps"], v["cfg"], v["shift"], v["cfg_trunc"], v["renorm_cfg"], v["guidance"])
+        if (settings == ("midpoint", 17, 4.0, 6.0, 0.25, 1.0, "faithful") and latent["resolution"] == "1024x1024"
+                and pos["system_prompt"] == "superior" and pos["text"].strip() and neg["text"] == ""):
+            demo.append(name)
+    assert demo
+
+
+def test_lumina2_model_in_comfyuis_ksampler():
+    def ksampler(wf):
+        for node in _nodes(wf, "KSampler"):
+            v = widget_values(node, KNOWN["KSampler"])
+            dit = _model_loader(wf, node)
+            latent = _source(wf, node, "latent_image")
+            if (dit["type"] == "LuminaDiTLoader" and DIT_FAMILY[dit["widgets_values"][0]] == "lumina2"
+                    and latent["type"] in ("EmptySD3LatentImage", "LuminaEmptyLatent")
+                    and 20 <= v["steps"] <= 30 and v["cfg"] == 4.0 and v["denoise"] == 1.0):
+                return True
+        return False
+
+    assert _scenario(ksampler)
