@@ -89,9 +89,9 @@ class Counter:
 
 
 def lumina_sampler(model, pos, neg, latent, *, steps=4, cfg=4.0, solver="euler", denoise=1.0, extrapolation="t2i",
-                   guidance="faithful", seed=SEED):
+                   guidance="faithful", seed=SEED, cfg_trunc=-1.0, renorm_cfg=-1.0):
     (out,) = N["LuminaSampler"]().sample(model, pos, neg, latent, seed, steps, cfg, solver, 4.0, denoise,
-                                         extrapolation, guidance)
+                                         extrapolation, guidance, cfg_trunc, renorm_cfg)
     return out["samples"]
 
 
@@ -161,16 +161,39 @@ def check_parity(out: Path) -> dict:
 def check_patches(out: Path) -> dict:
     """A MODEL's sampler_cfg_function (RenormCFG, a recording one) and TorchCompileModel under KSampler and under the
     Lumina Sampler."""
+    model, _dit = tiny_model(out)
+    _cond, _uncond, pos, neg = texts()
+    # Batch 1: ComfyUI's RenormCFG compares per-image norms with `if`, which fails for batches above 1.
+    return _patches(model, pos, neg, {"samples": torch.zeros(1, 4, 6, 8)})
+
+
+def check_patches_lumina2(out: Path) -> dict:
+    """check_patches on the Lumina-Image-2.0 MODEL: the tiny Unified Next-DiT the pytest side wrote to
+    OUT/tiny_lumina2.safetensors, Lumina-Image-2.0 conditioning, an empty 16-channel FLUX latent. The Lumina Sampler
+    keeps the family's CFG truncation and renormalisation on, except for the recording cfg function, which is
+    compared with plain guidance at every evaluation (after the truncation ComfyUI would call it at scale 1)."""
+    model = comfy_model.load_dit_model(str(out / "tiny_lumina2.safetensors"), "fp32")
+    dit = comfy_model.lumina_dit(model)
+    cap = dit.config.cap_feat_dim
+    g = torch.Generator().manual_seed(1)
+    pos = make_conditioning(torch.randn(1, 7, cap, generator=g), torch.ones(1, 7, dtype=torch.bool), family="lumina2")
+    neg = make_conditioning(torch.randn(1, 2, cap, generator=g), torch.ones(1, 2, dtype=torch.bool), family="lumina2")
+    result = _patches(model, pos, neg, {"samples": torch.zeros(1, 16, 6, 8)}, plain={"cfg_trunc": 1.0,
+                                                                                    "renorm_cfg": 0.0})
+    result["in_channels"] = int(model.model.diffusion_model.in_channels)
+    return result
+
+
+def _patches(model, pos, neg, latent: dict, plain: dict | None = None) -> dict:
+    """The patches check on `model`; `plain`: Lumina Sampler settings giving plain guidance at every evaluation (the
+    recording cfg function is compared under them)."""
     from comfy_extras.nodes_lumina2 import RenormCFG
     from comfy_extras.nodes_torch_compile import TorchCompileModel
     from torch._dynamo.utils import counters
 
     import nodes as comfy_nodes  # ComfyUI's nodes.py (the pack was imported under its own package name)
 
-    model, dit = tiny_model(out)
-    _cond, _uncond, pos, neg = texts()
-    # Batch 1: ComfyUI's RenormCFG compares per-image norms with `if`, which fails for batches above 1.
-    latent = {"samples": torch.zeros(1, 4, 6, 8)}
+    plain = plain or {}
 
     def ksampler(m):
         return comfy_nodes.common_ksampler(m, SEED, 3, 4.0, "euler", "simple", pos, neg, latent)[0]["samples"]
@@ -180,7 +203,8 @@ def check_patches(out: Path) -> dict:
 
     result = {}
     base = {"ksampler": ksampler(model), "faithful": lumina(model), "all": lumina(model, guidance="all")}
-    # RenormCFG without renormalisation is plain CFG on the in_channels (all 4) channels; with it, it changes them.
+    result["channels"] = int(base["ksampler"].shape[1])
+    # RenormCFG without renormalisation is plain CFG on the in_channels (all) channels; with it, it changes them.
     plain_renorm = RenormCFG.execute(model, 100.0, 0.0).result[0]
     renorm = RenormCFG.execute(model, 100.0, 1.0).result[0]
     result["renorm0_vs_base"] = {"ksampler": rel(ksampler(plain_renorm), base["ksampler"]),
@@ -197,9 +221,10 @@ def check_patches(out: Path) -> dict:
 
     recording = model.clone()
     recording.set_model_sampler_cfg_function(half_cfg)
-    result["recording_vs_cfg2"] = rel(lumina(recording), lumina(model, cfg=2.0))
-    result["recording_vs_cfg4"] = rel(lumina(recording), base["faithful"])
-    result["recording_sigmas"] = calls[: len(calls) // 2]
+    recorded = lumina(recording, **plain)
+    result["recording_vs_cfg2"] = rel(recorded, lumina(model, cfg=2.0, **plain))
+    result["recording_vs_cfg4"] = rel(recorded, lumina(model, **plain) if plain else base["faithful"])
+    result["recording_sigmas"] = calls
     result["expected_sigmas"] = [float(1 - t) for t in _midpoint_times(time_grid(3, 4.0))]
     # TorchCompileModel (inductor): the same latents, graphs compiled, no graph break.
     torch._dynamo.reset()
