@@ -58,22 +58,26 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Counter:
-    """Counts the DiT's network calls and the images in them."""
+    """Counts the DiT's network calls, the images in them and its preparations of a text by region."""
 
     def __init__(self, dit):
-        self.dit, self.forwards, self.rows = dit, 0, 0
-        forward = dit.forward_with_text
+        self.dit, self.forwards, self.rows, self.prepared = dit, 0, 0, 0
+        forward, prepare = dit.forward_with_text, dit.prepare_regions
 
         def counted(x, *a, **k):
             self.forwards += 1
             self.rows += x.shape[0]
             return forward(x, *a, **k)
 
-        dit.forward_with_text = counted
+        def counted_prepare(*a, **k):
+            self.prepared += 1
+            return prepare(*a, **k)
+
+        dit.forward_with_text, dit.prepare_regions = counted, counted_prepare
 
     def take(self) -> dict:
-        out = {"forwards": self.forwards, "rows": self.rows}
-        self.forwards = self.rows = 0
+        out = {"forwards": self.forwards, "rows": self.rows, "prepared": self.prepared}
+        self.forwards = self.rows = self.prepared = 0
         return out
 
 

@@ -54,6 +54,9 @@ def test_area_conditioning_is_one_dit_evaluation_per_step_and_the_cores_regions(
     for name in ("lumina_sampler", "lumina_guider", "cfg_guider", "ksampler", "mask"):
         assert r[name]["forwards"] == steps and r[name]["rows"] == steps * 2 * batch, (name, r)
     assert r["grid"]["forwards"] == steps and r["grid"]["rows"] == steps * 2 * batch, r
+    # The regions' text work is done once per generation (the merged entries keep their uuid over the steps).
+    for name in ("lumina_sampler", "lumina_guider", "cfg_guider", "ksampler", "mask", "grid"):
+        assert r[name]["prepared"] == 1, (name, r)
     # The same sigmas and guidance as the core: the core's regions (KSampler's "simple" schedule is another grid).
     for name in ("lumina_sampler", "lumina_guider", "cfg_guider", "mask", "grid"):
         assert r[name]["vs_core"] < EXACT, (name, r)
