@@ -15,6 +15,9 @@ import torch
 from .comfy_env import IN_COMFYUI, comfy
 
 _OPERATIONS = None
+_PATCHER = None
+# Marks the LoRA patches this module's patcher puts on a quantized layer's weight_function list.
+_TAG = "lumina_gguf_patch"
 
 
 def gguf_operations():
@@ -50,3 +53,64 @@ def _make_operations():
 
     GGUFOps.Linear = Linear
     return GGUFOps
+
+
+def gguf_model_patcher():
+    """The ModelPatcher class of a GGUF DiT (built once): ComfyUI's classic patcher, except that a patched weight of
+    a GGUF layer is never merged (ComfyUI would cast a quantized layer's raw blocks to float and patch those, and
+    round a patched F16 matrix back to F16): the patches go on the layer's `weight_function` list, which the layer
+    applies to its dense weight in every forward, as ComfyUI's low-VRAM mode does for the layers it leaves on the
+    offload device."""
+    global _PATCHER
+    if _PATCHER is None:
+        _PATCHER = _make_patcher()
+    return _PATCHER
+
+
+def _quantized_owner(model, key: str):
+    """The GGUF layer whose weight `key` names (quantized, or a float matrix the file kept in F16/BF16, which
+    merging would round to that storage dtype), or None."""
+    path, _, name = key.rpartition(".")
+    if name != "weight" or not path:
+        return None
+    try:
+        module = comfy.utils.get_attr(model, path)
+    except AttributeError:
+        return None
+    return module if hasattr(module, "qtype") and hasattr(module, "dequantized_weight") else None
+
+
+def _drop_tagged(module) -> None:
+    functions = getattr(module, "weight_function", None)
+    if functions:
+        module.weight_function = [f for f in functions if not getattr(f, _TAG, False)]
+
+
+def _make_patcher():
+    base = comfy.model_patcher.ModelPatcher
+
+    class GGUFModelPatcher(base):
+        def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False,
+                                   force_cast=False):
+            module = _quantized_owner(self.model, key)
+            if module is None:
+                return super().patch_weight_to_device(key, device_to, inplace_update, return_weight, force_cast)
+            if return_weight:  # the patched dense weight itself (e.g. for saving a merged model)
+                weight = module.dequantized_weight(device_to).float()
+                if key in self.patches:
+                    weight = comfy.lora.calculate_weight(self.patches[key], weight, key)
+                return weight
+            _drop_tagged(module)
+            if key in self.patches:
+                patch = comfy.model_patcher.LowVramPatch(key, self.patches)
+                setattr(patch, _TAG, True)
+                module.weight_function = list(getattr(module, "weight_function", [])) + [patch]
+            return module.weight
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            if unpatch_weights:
+                for module in self.model.modules():
+                    _drop_tagged(module)
+            return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+
+    return GGUFModelPatcher

@@ -12,6 +12,8 @@ import copy
 import logging
 from pathlib import Path
 
+import torch
+
 from lumina_core import families
 from lumina_core.lora import apply_lora, plan_lora
 from lumina_core.lora.plan import family_title
@@ -71,10 +73,24 @@ def lora_model(model, state: dict, strength: float, source: str):
         apply_lora(dit, state, strength, name=Path(source).stem)
         return PlainModel(dit)
     dit = model.model.diffusion_model
-    shapes = {k: tuple(v.shape) for k, v in dit.state_dict().items() if k.endswith(".weight") and v.ndim == 2}
+    shapes = dense_weight_shapes(dit)
     plan = plan_lora(state, shapes, family, source)
     patches = comfy.lora.load_lora(state, comfy_key_map(plan), log_missing=False)
     patched = model.clone()
     added = patched.add_patches(patches, strength)
     _log(plan, strength, len(added))
     return patched
+
+
+def dense_weight_shapes(dit) -> dict:
+    """The shapes of the DiT's linear weights as they compute: a GGUF layer's dense shape, not its raw blocks'."""
+    shapes = {}
+    for name, module in dit.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        shape = getattr(module, "weight_shape", None) if getattr(module, "qtype", None) is not None else None
+        shape = tuple(shape) if shape is not None else tuple(weight.shape)
+        if len(shape) == 2:
+            shapes[f"{name}.weight" if name else "weight"] = shape
+    return shapes

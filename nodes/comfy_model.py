@@ -172,7 +172,7 @@ def _load_gguf_model(path, family, model_config, dtype, manual_cast_dtype, load_
     model.diffusion_model.compute_dtype = manual_cast_dtype or dtype
     if not mm.is_device_cpu(offload_device):
         model.to(offload_device)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy_gguf.gguf_model_patcher()(model, load_device=load_device, offload_device=offload_device)
     register_sampling_wrappers(patcher)
     return patcher
 

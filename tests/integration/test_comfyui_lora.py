@@ -167,6 +167,37 @@ def test_lumina_lora_loader_applies_a_diffusers_lumina2_lora_to_the_pack_model(s
                      server.log_text())
 
 
+def test_loras_reach_a_gguf_model_through_its_dequantized_weight(server):
+    """A Q8_0 Flag-DiT: ComfyUI's LoraLoaderModelOnly and the Lumina LoRA Loader patch the weights the quantized
+    layers compute with (never the raw blocks), fully loaded, and give the latent of the dequantized weights with
+    the LoRA merged."""
+    pytest.importorskip("gguf")
+    from lumina_core.weights.dit_files import convert_checkpoint, convert_to_gguf
+
+    folder = server.base / "models" / "diffusion_models"
+    gguf_name, dense_name = "lora_test_t2i_q8_0.gguf", "lora_test_t2i_q8_0_dense.safetensors"
+    convert_to_gguf(folder / DIT_NAME, folder / gguf_name, qtype="q8_0")
+    convert_checkpoint(folder / gguf_name, folder / dense_name, dtype=torch.float32)
+    merged_name = _write_lora(server, "lumina_t2i", dense_name, "original", ["gguf_original.safetensors"], seed=2)
+    prompt = _text(server, "LuminaLlamaLoader", "llama_folder", LLAMA_NAME)
+    prompt["dit"] = {"class_type": "LuminaDiTLoader", "inputs": {"dit_name": gguf_name, "weight_dtype": "fp32"}}
+    prompt["merged"] = {"class_type": "LuminaDiTLoader", "inputs": {"dit_name": merged_name, "weight_dtype": "fp32"}}
+    prompt["core"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["dit", 0], "lora_name": "gguf_original.safetensors", "strength_model": STRENGTH}}
+    prompt["lumina"] = {"class_type": "LuminaLoraLoader", "inputs": {
+        "model": ["dit", 0], "lora_name": "gguf_original.safetensors", "strength_model": STRENGTH}}
+    prompt["dense"] = {"class_type": "LuminaDiTLoader", "inputs": {"dit_name": dense_name, "weight_dtype": "fp32"}}
+    latents = _sampled(server, prompt, {"core": ["core", 0], "lumina": ["lumina", 0], "merged": ["merged", 0],
+                                        "base": ["dit", 0], "dense": ["dense", 0]},
+                       {"seed": 3, "steps": 3, "cfg": 4.0, "solver": "euler"})
+    truth = latents["merged"]
+    assert torch.equal(latents["base"], latents["dense"])  # the GGUF model computes with exactly its dequantized weights
+    assert relative_difference(latents["core"], truth) < 1e-4
+    assert relative_difference(latents["lumina"], truth) < 1e-4
+    assert relative_difference(latents["base"], truth) > 1e-2
+    _assert_no_lost_keys(server)
+
+
 def test_lumina_lora_loader_on_comfyuis_own_lumina2_model(server, tmp_path):
     models = server.base / "models"
     merged_name = _write_lora(server, "lumina2", LUMINA2_DIT, "peft", ["l2_own.safetensors"], seed=2)
