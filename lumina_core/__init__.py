@@ -38,6 +38,9 @@ _EXPORTS = {
     "SYSTEM_PROMPTS": "text.gemma2",
     "LuminaT2IPipeline": "pipeline",
     "LuminaT2IPipelineOutput": "pipeline",
+    "LuminaPipeline": "pipeline_next",
+    "Lumina2Pipeline": "pipeline_lumina2",
+    "LuminaPipelineOutput": "family_pipeline",
     "apply_lora": "lora",
 }
 # exported under another name than the module's own

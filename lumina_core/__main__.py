@@ -1,5 +1,5 @@
 """Command line: `python -m lumina_core convert IN OUT --dtype bf16|fp8_e4m3fn|q8_0|...`, `python -m lumina_core demo`,
-`python -m lumina_core generate --dit ... --llama ... --vae ... --prompt ... --out DIR` and
+`python -m lumina_core generate --dit ... --text-encoder ... --vae ... --prompt ... --out DIR` (any family) and
 `python -m lumina_core lora-convert SRC DST [--dit CHECKPOINT]`."""
 
 from __future__ import annotations

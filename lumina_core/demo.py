@@ -1,11 +1,13 @@
-"""`python -m lumina_core demo`: the whole Lumina-T2I pipeline from the command line.
+"""`python -m lumina_core demo`: the whole pipeline of a Lumina family from the command line, on the core functions.
 
-With no model paths it is a smoke test: a tiny Flag-DiT and a tiny LLaMA with random weights are written to a
-temporary folder and loaded back through the real loaders, so every stage runs in seconds on a CPU (the picture is
-meaningless). With --dit and --llama it runs the released model the same way. --save-cond also writes the two prompt
-encodings; --cond/--negative-cond then take their place, so a later run needs no text encoder at all. It writes the latent as a `.latent`
-file that ComfyUI's LoadLatent node reads (put it in ComfyUI/input, then VAEDecode with the SDXL VAE) and a preview
-PNG made with the SDXL latent-to-RGB approximation.
+With no model paths it is a smoke test: a tiny DiT and a tiny text encoder of the family (--family: lumina_t2i, the
+default, a Flag-DiT and a LLaMA; lumina_next, a Next-DiT and a Gemma; lumina2, a Unified Next-DiT and a Gemma-2) with
+random weights are written to a temporary folder and loaded back through the real loaders, so every stage runs in
+seconds on a CPU (the picture is meaningless). With --dit and --text-encoder it runs the released model the same way
+(the family read from the DiT file). --save-cond also writes the two prompt encodings; --cond/--negative-cond then
+take their place, so a later run needs no text encoder at all. It writes the latent as a `.latent` file that
+ComfyUI's LoadLatent node reads (put it in ComfyUI/input, then VAEDecode with the family's VAE: the SDXL VAE, or the
+FLUX AE for Lumina-Image-2.0) and a preview PNG made with the latent format's latent-to-RGB approximation.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import torch
 
 from . import conditioning
 from .dtypes import DTYPE_NAMES, dtype_from_name
+from .families import FAMILIES, checkpoint_family, get_family, load_text_encoder, text_encoder_family
 from .generation import sample
-from .image.latent import latent_to_rgb, to_vae_space
+from .image.latent import latent_format, latent_to_rgb, to_vae_space
 from .models.flag_dit import EXTRAPOLATIONS
 from .sampling.guidance import GUIDANCE_MODES
 from .sampling.schedule import make_noise
 from .sampling.solvers import SOLVERS
-from .weights.dit_files import load_flag_dit, read_flag_dit_config
+from .weights.layouts import CheckpointError
 
 DEFAULT_PROMPT = "a fluffy mouse holding a watermelon, in a magical and colorful setting"
 
@@ -40,29 +43,39 @@ def _out(message: str):
 def add_demo_parser(sub):
     p = sub.add_parser(
         "demo",
-        help="generate one image latent (a smoke test with random tiny models unless --dit/--llama are given)",
+        help="generate one image latent (a smoke test with random tiny models unless --dit/--text-encoder are given)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dit", help="Flag-DiT checkpoint (.safetensors), e.g. lumina_t2i_5b_bf16.safetensors")
-    p.add_argument("--llama", help="LLaMA-2-7B Hugging Face folder (config.json, tokenizer, weights)")
+    p.add_argument("--family", choices=tuple(FAMILIES), default=None,
+                   help="the smoke test's family (default lumina_t2i); with --dit, read from the file")
+    p.add_argument("--dit", help="the DiT checkpoint, e.g. lumina_t2i_5b_bf16.safetensors")
+    p.add_argument("--text-encoder", "--llama", dest="text_encoder",
+                   help="the family's text encoder (the Llama-2-7b-hf or gemma-2b folder, Gemma-2-2B's folder or file)")
     p.add_argument("--cond", help="a saved prompt encoding (from --save-cond or Lumina Save Conditioning), "
-                   "instead of --llama")
+                   "instead of --text-encoder")
     p.add_argument("--negative-cond", help="the saved encoding of the negative prompt (with --cond)")
     p.add_argument("--save-cond", action="store_true",
                    help="also write the prompt encodings to lumina_demo_cond.safetensors and "
                    "lumina_demo_negative_cond.safetensors in --out")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--negative", default="", help='negative prompt (the original uses "")')
+    p.add_argument("--negative", default="", help='negative prompt (the originals use "")')
+    p.add_argument("--system-prompt", default=None,
+                   help="Lumina-Image-2.0: a preset (superior, the default) or a sentence of your own")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default 1024; smoke test 256)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default 1024; smoke test 256)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default 30; smoke test 8)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="solver steps (default Lumina-T2I 30, else the family's demo's; smoke test 8)")
     p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--shift", type=float, default=4.0)
+    p.add_argument("--shift", type=float, default=None, help="default: the family's (4, or 6 for Lumina-Image-2.0)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--solver", choices=SOLVERS, default="euler")
-    p.add_argument("--extrapolation", choices=EXTRAPOLATIONS, default="t2i")
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="default: the family's demo's")
+    p.add_argument("--extrapolation", choices=EXTRAPOLATIONS, default=None, help="default: the family's")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, default="faithful")
+    p.add_argument("--cfg-trunc", type=float, default=None,
+                   help="guide while t < this (Lumina-Image-2.0's option; default the family's)")
+    p.add_argument("--renorm-cfg", type=float, default=None,
+                   help="clamp the guided velocity's norm (Lumina-Image-2.0's option; default the family's)")
     p.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
                    help="weight dtype of both models (auto: bf16 on a GPU, fp32 on the CPU); fp8 stores the "
                    "weights in fp8 and computes in bf16 (fp32 on CPUs without bf16)")
@@ -119,21 +132,63 @@ def _load_saved(path):
     return saved.features, saved.mask, saved.meta
 
 
+def _family(args):
+    """The run's family: the DiT file's, else --family, else Lumina-T2I; (family, error message or None)."""
+    if args.dit is None:
+        return get_family(args.family or "lumina_t2i"), None
+    try:
+        found = checkpoint_family(args.dit)
+    except (CheckpointError, OSError) as err:
+        return None, f"--dit: {err}"
+    if args.family is not None and args.family != found.name:
+        return None, f"--family {args.family}, but {args.dit} is a {found.title} {found.dit_title}"
+    return found, None
+
+
+def _write_tiny_models(family, folder: Path):
+    """(DiT path, text encoder path) of random tiny models of `family` written under `folder`."""
+    from . import tiny
+
+    if family.name == "lumina_next":
+        return (tiny.write_tiny_next_dit(folder / "tiny_next_dit.safetensors"),
+                tiny.make_tiny_gemma_folder(folder / "tiny-gemma"))
+    if family.name == "lumina2":
+        return (tiny.write_tiny_unified_next_dit(folder / "tiny_unified_next_dit.safetensors"),
+                tiny.make_tiny_gemma2_folder(folder / "tiny-gemma2"))
+    return tiny.write_tiny_flag_dit(folder / "tiny_flag_dit.safetensors"), tiny.write_tiny_llama_folder(folder / "tiny-llama")
+
+
+def _encode(encoder, family, text: str, system_prompt):
+    """A prompt's features and mask as the family's demo encodes it (Lumina-Image-2.0: the system prompt in front,
+    none for an empty text)."""
+    if family.name != "lumina2":
+        return encoder.encode([text])
+    return encoder.encode([text], system_prompt=system_prompt if text else "empty")
+
+
 def run_demo(args) -> int:
-    smoke = args.dit is None and args.llama is None and args.cond is None
+    smoke = args.dit is None and args.text_encoder is None and args.cond is None
     if args.cond is not None:
-        if args.llama is not None or args.dit is None or args.negative_cond is None:
-            _out("error: --cond needs --dit and --negative-cond, and replaces --llama")
+        if args.text_encoder is not None or args.dit is None or args.negative_cond is None:
+            _out("error: --cond needs --dit and --negative-cond, and replaces --text-encoder")
             return 2
-    elif (args.dit is None) != (args.llama is None):
-        _out("error: give both --dit and --llama (or neither, for the smoke test)")
+    elif (args.dit is None) != (args.text_encoder is None):
+        _out("error: give both --dit and --text-encoder (or neither, for the smoke test)")
         return 2
     if args.negative_cond is not None and args.cond is None:
         _out("error: --negative-cond needs --cond")
         return 2
+    family, problem = _family(args)
+    if problem:
+        _out(f"error: {problem}")
+        return 2
+    if family.name != "lumina2" and args.system_prompt is not None:
+        _out(f"error: --system-prompt is Lumina-Image-2.0's; this run is {family.title}")
+        return 2
+    fmt = latent_format(family.latent_format)
     width = args.width or (256 if smoke else 1024)
     height = args.height or (256 if smoke else 1024)
-    steps = args.steps or (8 if smoke else 30)
+    steps = args.steps or (8 if smoke else 30 if family.name == "lumina_t2i" else family.defaults.steps)
     bad = [f"{name} {v}" for name, v in (("width", width), ("height", height)) if v % 16 or v < 32]
     if bad:
         _out(f"error: {', '.join(bad)}: sizes must be multiples of 16 and at least 32 pixels")
@@ -152,42 +207,45 @@ def run_demo(args) -> int:
 
     tmp = None
     if smoke:
-        from .tiny import write_tiny_flag_dit, write_tiny_llama_folder
-
-        _out("SMOKE TEST: tiny Flag-DiT and tiny LLaMA with RANDOM weights; the picture is noise-like by design.")
-        _out("Pass --dit PATH --llama PATH to run the released Lumina-T2I model.")
+        _out(f"SMOKE TEST: a tiny {family.dit_title} and a tiny {family.text_encoder_title} with RANDOM weights; the "
+             "picture is noise-like by design.")
+        _out(f"Pass --dit PATH --text-encoder PATH to run the released {family.title} model.")
         tmp = tempfile.TemporaryDirectory(prefix="lumina_demo_")
         start = time.perf_counter()
-        llama_path = write_tiny_llama_folder(Path(tmp.name) / "tiny-llama")
-        dit_path = write_tiny_flag_dit(Path(tmp.name) / "tiny_flag_dit.safetensors")
+        dit_path, encoder_path = _write_tiny_models(family, Path(tmp.name))
         stage("write tiny models", start)
     else:
-        llama_path, dit_path = (Path(args.llama) if args.llama else None), Path(args.dit)
+        encoder_path, dit_path = (Path(args.text_encoder) if args.text_encoder else None), Path(args.dit)
 
     try:
         if args.cond is None:
             # Imported here: with saved encodings, transformers (0.3 GB resident once imported) is never loaded.
             from .text.hf_folder import check_cap_feat_dim
-            from .text.llama import LlamaTextEncoder
 
             start = time.perf_counter()
-            encoder = LlamaTextEncoder.from_folder(llama_path, dtype=text_dtype, device=device)
+            te_family = text_encoder_family(encoder_path)
+            if te_family.name != family.name:
+                _out(f"error: {encoder_path} holds {te_family.text_encoder_title} ({te_family.title}); a "
+                     f"{family.title} DiT needs {family.text_encoder_source}")
+                return 2
+            encoder = load_text_encoder(encoder_path, dtype=text_dtype, device=device)
             stage("load text encoder", start)
             start = time.perf_counter()
-            cond = encoder.encode([args.prompt], output_device=device)
-            uncond = encoder.encode([args.negative], output_device=device)
+            cond = _encode(encoder, family, args.prompt, args.system_prompt)
+            uncond = _encode(encoder, family, args.negative, args.system_prompt)
+            cond, uncond = [(f.to(device), m.to(device)) for f, m in (cond, uncond)]
             hidden = encoder.hidden_size
             stage("encode prompts", start)
             if args.save_cond:
                 for name, (feats, mask), text in (("cond", cond, args.prompt), ("negative_cond", uncond, args.negative)):
-                    conditioning.save(out_dir / f"lumina_demo_{name}.safetensors", feats, mask,
-                                      family=conditioning.T2I_FAMILY, prompt=text)
+                    conditioning.save(out_dir / f"lumina_demo_{name}.safetensors", feats, mask, family=family.name,
+                                      prompt=text)
             # The encoder is not needed any more: free its memory before the DiT arrives.
             del encoder
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            encoder_name = str(llama_path)
+            encoder_name = str(encoder_path)
         else:
             start = time.perf_counter()
             try:
@@ -198,29 +256,30 @@ def run_demo(args) -> int:
                 return 2
             cond, uncond = (cond_f.to(device), cond_m.to(device)), (unc_f.to(device), unc_m.to(device))
             # Checked against the checkpoint's header, before 5-10 GB of weights are read.
-            cap_feat_dim = read_flag_dit_config(dit_path).cap_feat_dim
+            cap_feat_dim = family.read_dit_config(dit_path).cap_feat_dim
             try:
                 for path, meta in ((args.cond, cond_meta), (args.negative_cond, unc_meta)):
-                    conditioning.check_family(meta, family=conditioning.T2I_FAMILY, width=cap_feat_dim,
-                                              source=str(path))
+                    conditioning.check_family(meta, family=family.name, width=cap_feat_dim, source=str(path))
             except ValueError as err:
                 _out(f"error: {err}")
                 return 2
             stage("load saved encodings", start)
 
         start = time.perf_counter()
-        dit = load_flag_dit(dit_path, dtype=dit_dtype, device=device)
+        dit = family.load_dit(dit_path, dtype=dit_dtype, device=device)
         if args.cond is None:
             check_cap_feat_dim(hidden, dit.config.cap_feat_dim, encoder_name=encoder_name, dit_name=str(dit_path))
-        stage("load Flag-DiT", start)
+        stage(f"load {family.dit_title}", start)
 
         start = time.perf_counter()
-        noise = make_noise(args.seed, (1, 4, height // 8, width // 8)).to(device)
+        noise = make_noise(args.seed, (1, fmt.channels, height // 8, width // 8)).to(device)
         latent = sample(
             dit, noise, cond, uncond, steps=steps, cfg=args.cfg, shift=args.shift, solver=args.solver,
-            extrapolation=args.extrapolation, guidance=args.guidance,
+            extrapolation=args.extrapolation, guidance=args.guidance, cfg_trunc=args.cfg_trunc,
+            renorm_cfg=args.renorm_cfg,
         )
-        stage(f"sample ({steps} {args.solver} steps, {width}x{height})", start)
+        solver = args.solver or family.defaults.solver
+        stage(f"sample ({steps} {solver} steps, {width}x{height})", start)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -228,21 +287,24 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     latent_path = out_dir / "lumina_demo.latent"
     png_path = out_dir / "lumina_demo_preview.png"
-    save_latent_file(latent_path, to_vae_space(latent))
+    save_latent_file(latent_path, to_vae_space(latent, fmt.name))
     # One latent cell is 8x8 pixels: enlarge the preview to the image size.
-    write_png(png_path, latent_to_rgb(latent)[0].repeat_interleave(8, 0).repeat_interleave(8, 1))
+    write_png(png_path, latent_to_rgb(latent, fmt.name)[0].repeat_interleave(8, 0).repeat_interleave(8, 1))
     stage("write outputs", start)
 
     def name(dtype):
         return str(dtype).replace("torch.", "")
 
-    _out(f"device {device}, DiT dtype {name(dit_dtype)}, text encoder dtype "
+    shift = family.defaults.shift if args.shift is None else args.shift
+    extrapolation = args.extrapolation or family.defaults.extrapolation
+    _out(f"{family.title}: device {device}, DiT dtype {name(dit_dtype)}, text encoder dtype "
          f"{'(saved encodings)' if args.cond else name(text_dtype)}, seed {args.seed}, cfg {args.cfg}, "
-         f"shift {args.shift}, extrapolation {args.extrapolation}")
+         f"shift {shift}, extrapolation {extrapolation}")
     for stage_name, seconds, peak in timings:
         _out(f"  {stage_name:<40s} {seconds:8.2f} s   peak RSS {peak:6.2f} GB")
-    _out(f"latent: {latent_path} (copy it into ComfyUI/input and use LoadLatent -> VAEDecode with the SDXL VAE)")
-    _out(f"preview: {png_path} ({width}x{height}, SDXL latent-to-RGB approximation, one colour per 8x8 cell)")
+    _out(f"latent: {latent_path} (copy it into ComfyUI/input and use LoadLatent -> VAEDecode with {fmt.vae})")
+    _out(f"preview: {png_path} ({width}x{height}, {fmt.name.upper()} latent-to-RGB approximation, one colour per 8x8 "
+         f"cell)")
     if args.save_cond and args.cond is None:
         _out(f"prompt encodings: {out_dir / 'lumina_demo_cond.safetensors'}, "
              f"{out_dir / 'lumina_demo_negative_cond.safetensors'} (use them with --cond/--negative-cond)")

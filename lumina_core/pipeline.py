@@ -10,18 +10,16 @@ Files are only read from local paths; nothing is downloaded.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .family_pipeline import FamilyPipeline
 from .generation import sample
 from .image.latent import LATENT_CHANNELS, to_vae_space
-from .image.vae import decode, load_sdxl_vae, to_pil
-from .lora import apply_lora, remove_lora
+from .image.vae import decode, to_pil
 from .models.flag_dit import EXTRAPOLATIONS
 from .pipeline_parts import (  # noqa: F401  (size_error: the generate command's check)
     MIN_SIZE,
@@ -44,30 +42,20 @@ from .weights.dit_files import load_flag_dit
 
 logger = logging.getLogger(__name__)
 
-# Queries per attention chunk for enable_attention_slicing("auto"): a 1024x1024 image (4160 tokens) in 5 chunks.
-AUTO_QUERY_CHUNK = 1024
 # Names of the model files in a from_pretrained folder.
 PRETRAINED_LAYOUT = "transformer/<one .safetensors or .pth>, text_encoder/<LLaMA-2-7B folder>, vae/<one .safetensors>"
 
 
-class LuminaT2IPipeline:
+class LuminaT2IPipeline(FamilyPipeline):
     """Lumina-T2I text to image: `pipe(prompt).images[0]`.
 
     transformer: the Flag-DiT (replace it by `torch.compile(pipe.transformer)` to compile it); text_encoder: a
     LlamaTextEncoder (None if only precomputed embeddings are used); vae: diffusers' AutoencoderKL, or loaded on
-    first decode from `vae_path` (None: only output_type="latent").
+    first decode from `vae_path` (None: only output_type="latent"). Devices, offload, attention slicing and LoRA are
+    the family-generic pipeline's.
     """
 
-    def __init__(self, transformer, text_encoder: Optional[LlamaTextEncoder] = None, vae=None, *, vae_path=None,
-                 vae_dtype: torch.dtype = torch.float32):
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self._vae = vae
-        self._vae_path = None if vae_path is None else Path(vae_path)
-        self._vae_dtype = vae_dtype
-        self._device = torch.device("cpu")
-        self._offload_device: Optional[torch.device] = None
-        self._progress_bar_config: dict = {}
+    family_name = "lumina_t2i"
 
     # ----------------------------------------------------------------------------------------------------------
     # Loading
@@ -118,100 +106,6 @@ class LuminaT2IPipeline:
         if not te.is_dir():
             raise FileNotFoundError(f"{te} is missing; expected {PRETRAINED_LAYOUT}")
         return cls.from_files(dit=dit, text_encoder=te, vae=vae, torch_dtype=torch_dtype, device=device)
-
-    @property
-    def vae(self):
-        """diffusers' AutoencoderKL, loaded from the VAE file on first use (diffusers is imported only then)."""
-        return self.load_vae()
-
-    def load_vae(self):
-        """Load the VAE file now (else the first decode does), and return the VAE (None without a VAE file)."""
-        if self._vae is None and self._vae_path is not None:
-            self._vae = load_sdxl_vae(self._vae_path, dtype=self._vae_dtype, device=self._home_device)
-        return self._vae
-
-    @vae.setter
-    def vae(self, value):
-        self._vae = value
-
-    @property
-    def tokenizer(self):
-        return None if self.text_encoder is None else self.text_encoder.tokenizer
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Devices, offload, attention slicing
-
-    @property
-    def device(self) -> torch.device:
-        """Where the models run (the offload device once enable_model_cpu_offload is on)."""
-        return self._offload_device if self._offload_device is not None else self._device
-
-    @property
-    def _home_device(self) -> torch.device:
-        """Where the models rest between uses."""
-        return torch.device("cpu") if self._offload_device is not None else self._device
-
-    def _models(self):
-        return [m for m in (self.text_encoder, self.transformer, self._vae) if m is not None]
-
-    def to(self, device) -> "LuminaT2IPipeline":
-        """Move every model to `device` (this turns model CPU offload off)."""
-        self._device = torch.device(device)
-        self._offload_device = None
-        for model in self._models():
-            model.to(device=self._device)
-        return self
-
-    def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device=None) -> None:
-        """Keep each model in CPU memory and move it to the GPU only while it runs (the text encoder while
-        encoding, the transformer while sampling, the VAE while decoding), so the peak is the largest model, not
-        their sum. Without a GPU everything runs on the CPU, as before."""
-        if device is None:
-            device = f"cuda:{gpu_id or 0}" if torch.cuda.is_available() else "cpu"
-        self._offload_device = torch.device(device)
-        for model in self._models():
-            model.to(device=torch.device("cpu"))
-
-    @contextlib.contextmanager
-    def _on_device(self, model):
-        """Run `model` on self.device; with offload on, move it there for the block and back to the CPU after."""
-        if self._offload_device is None or model is None:
-            yield
-            return
-        model.to(device=self._offload_device)
-        try:
-            yield
-        finally:
-            model.to(device=torch.device("cpu"))
-            if self._offload_device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def enable_attention_slicing(self, slice_size: Union[str, int, None] = "auto") -> None:
-        """Compute attention in chunks of `slice_size` queries ("auto": 1024); the result equals the unsliced one
-        and the attention scores are held for one chunk at a time."""
-        if slice_size == "auto":
-            slice_size = AUTO_QUERY_CHUNK
-        if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int)
-                                       or slice_size < 1):
-            raise ValueError(f"slice_size must be 'auto', a positive int (queries per chunk) or None, got "
-                             f"{slice_size!r}")
-        unwrap(self.transformer).set_attention_slicing(slice_size)
-
-    def disable_attention_slicing(self) -> None:
-        unwrap(self.transformer).set_attention_slicing(None)
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        """Options for the tqdm progress bar on stderr (e.g. disable=True)."""
-        self._progress_bar_config = dict(kwargs)
-
-    def load_lora_weights(self, path, strength: float = 1.0, adapter_name: Optional[str] = None):
-        """Apply a LoRA file (PEFT/diffusers, kohya or original names) to the transformer, on top of those loaded;
-        returns the report (applied modules, unmatched keys). See lumina_core.lora."""
-        return apply_lora(unwrap(self.transformer), path, strength, name=adapter_name)
-
-    def unload_lora_weights(self) -> None:
-        """Remove every LoRA: the transformer's weights are the loaded ones again, bit for bit."""
-        remove_lora(unwrap(self.transformer))
 
     # ----------------------------------------------------------------------------------------------------------
     # Text
@@ -368,21 +262,6 @@ class LuminaT2IPipeline:
                 pixels = decode(vae, raw)
             images = pixels if output_type == "pt" else to_pil(pixels)
         return LuminaT2IPipelineOutput(images=images) if return_dict else (images,)
-
-    @contextlib.contextmanager
-    def _progress(self, total: int):
-        config = {"total": total, "file": sys.stderr, "desc": "Lumina-T2I", "unit": "step",
-                  **self._progress_bar_config}
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # tqdm comes with transformers; without it there is simply no bar
-            yield None
-            return
-        bar = tqdm(**config)
-        try:
-            yield bar
-        finally:
-            bar.close()
 
     def decode_latents(self, raw_latents: torch.Tensor, output_type: str = "pil"):
         """Raw SDXL-VAE latents (output_type="latent"'s images) -> PIL images or a [B, 3, H, W] tensor in [0, 1]."""

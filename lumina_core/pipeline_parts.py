@@ -9,6 +9,7 @@ from typing import Optional, Union
 import torch
 
 from .models.flag_dit import FlagDiT
+from .models.next_dit import decide_rope_factors
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 PIXEL_MULTIPLE = 16  # VAE factor 8 x patch size 2
@@ -28,31 +29,36 @@ class _TextPreparedCall:
     """What `sample()` drives each step: the text work once through the bare model, and each step through the
     transformer's own call with the prepared text. A `torch.compile`d module forwards attribute look-ups such as
     `forward_with_text` to the eager model, so calling those directly would skip the compiled code; its `__call__`
-    is the compiled one."""
+    is the compiled one. Lumina-Next's time-aware RoPE switch is decided here, outside the module, so that a
+    compiled forward never reads t."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, dit_class=FlagDiT, what: str = "a Lumina-T2I FlagDiT"):
         self.call = transformer
-        self.model = unwrap(transformer)
+        self.model = unwrap(transformer, dit_class, what)
+        self.family = self.model.family  # the sampler takes the family's defaults from it
+        if hasattr(self.model, "prepare_regions"):
+            self.prepare_regions = self.model.prepare_regions
 
     def prepare_text(self, cap_feats, cap_mask):
         return self.model.prepare_text(cap_feats, cap_mask)
 
     def forward_with_text(self, x, t, text, **kwargs):
+        if "scale_factor" in kwargs:  # the same decision the forward makes, from the first sample's t
+            kwargs = decide_rope_factors(kwargs, float(t.reshape(-1)[0]))
         return self.call(x, t, text=text, **kwargs)
 
 
-def unwrap(transformer) -> FlagDiT:
-    """The FlagDiT under a torch.compile wrapper (OptimizedModule keeps it as `_orig_mod`), or the model itself."""
+def unwrap(transformer, dit_class=FlagDiT, what: str = "a Lumina-T2I FlagDiT"):
+    """The DiT under a torch.compile wrapper (OptimizedModule keeps it as `_orig_mod`), or the model itself; it must
+    be a `dit_class` (`what` names it in the error)."""
     model = getattr(transformer, "_orig_mod", transformer)
-    if not isinstance(model, FlagDiT):
-        raise TypeError(
-            f"pipe.transformer is a {type(model).__name__}, expected a Lumina-T2I FlagDiT (or torch.compile of one)"
-        )
+    if not isinstance(model, dit_class):
+        raise TypeError(f"pipe.transformer is a {type(model).__name__}, expected {what} (or torch.compile of one)")
     return model
 
 
-def size_error(width, height) -> Optional[str]:
-    """None for a valid image size, else a message with the nearest valid sizes."""
+def size_error(width, height, title: str = "Lumina-T2I") -> Optional[str]:
+    """None for a valid image size, else a message with the nearest valid sizes (`title`: the model family's)."""
     problems = []
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -64,7 +70,7 @@ def size_error(width, height) -> Optional[str]:
             problems.append(f"{name} {value} is not a multiple of {PIXEL_MULTIPLE} (use {low} or {low + PIXEL_MULTIPLE})")
     if not problems:
         return None
-    return "Lumina-T2I image sizes must be multiples of 16 pixels, at least 32: " + "; ".join(problems)
+    return f"{title} image sizes must be multiples of 16 pixels, at least 32: " + "; ".join(problems)
 
 
 def _as_list(value, name: str) -> list:
@@ -75,7 +81,8 @@ def _as_list(value, name: str) -> list:
     raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
 
 
-def _check_embeds(embeds, mask, which: str, cap_feat_dim: int):
+def _check_embeds(embeds, mask, which: str, cap_feat_dim: int, expects: str = "this Flag-DiT expects",
+                  features: str = "LLaMA"):
     mask_name = which.replace("embeds", "attention_mask")
     if mask is None:
         raise ValueError(
@@ -90,7 +97,7 @@ def _check_embeds(embeds, mask, which: str, cap_feat_dim: int):
         raise ValueError(f"{mask_name} has shape {shape} but {which} has shape {tuple(embeds.shape)}: they must "
                          f"match in batch and tokens ({tuple(embeds.shape[:2])})")
     if embeds.shape[-1] != cap_feat_dim:
-        raise ValueError(f"{which} are {embeds.shape[-1]}-wide; this Flag-DiT expects {cap_feat_dim}-wide LLaMA "
+        raise ValueError(f"{which} are {embeds.shape[-1]}-wide; {expects} {cap_feat_dim}-wide {features} "
                          f"features (its cap_feat_dim)")
     if not bool(mask.bool().any(dim=1).all()):
         raise ValueError(f"{mask_name} has a row without any real token (BOS and EOS count)")

@@ -1,7 +1,8 @@
-"""Tiny Lumina-T2I models with random weights, written in the released file layouts.
+"""Tiny Lumina models with random weights, written in the released file layouts.
 
-Used by the smoke-test demo and the tests: a Flag-DiT checkpoint in the released key layout and a Hugging Face
-LLaMA folder (config, tokenizer, weights), small enough to build, save and load in well under a second.
+Used by the smoke-test demo and the tests: the three families' DiT checkpoints in the released key layouts, Hugging
+Face folders of their text encoders (LLaMA, Gemma, Gemma-2: config, tokenizer, weights) and their VAEs (the SDXL
+VAE, the FLUX AE) in the published key layout, small enough to build, save and load in well under a second.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, LlamaTokenizerFast
 
 from .models.blocks import init_random_weights
-from .models.config import FlagDiTConfig, NextDiTConfig
+from .models.config import FlagDiTConfig, NextDiTConfig, UnifiedNextDiTConfig
 from .models.flag_dit import FlagDiT
 from .models.next_dit import NextDiT
-from .weights.dit_files import save_flag_dit, save_next_dit
+from .models.unified_next_dit import UnifiedNextDiT
+from .weights.dit_files import save_dit, save_flag_dit, save_next_dit
 
 
 def make_tiny_flag_dit(seed: int = 0, **overrides) -> FlagDiT:
@@ -50,6 +52,25 @@ def write_tiny_next_dit(path, seed: int = 0, layout: str = "original", **overrid
 
     path = Path(path)
     save_next_dit(make_tiny_next_dit(seed, **overrides), path, layout=layout)
+    return path
+
+
+def make_tiny_unified_next_dit(seed: int = 0, **overrides) -> UnifiedNextDiT:
+    """A UnifiedNextDiTConfig.tiny() model (Lumina-Image-2.0's architecture, cap_feat_dim 32) with every parameter
+    random, norms near 1."""
+    model = init_random_weights(UnifiedNextDiT(UnifiedNextDiTConfig.tiny(**overrides)), seed)
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight")):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+    return model.eval().requires_grad_(False)
+
+
+def write_tiny_unified_next_dit(path, seed: int = 0, **overrides) -> Path:
+    """A tiny Unified Next-DiT checkpoint in the original key layout (ComfyUI's lumina_2_model_bf16's names)."""
+    path = Path(path)
+    save_dit(make_tiny_unified_next_dit(seed, **overrides), path)
     return path
 
 
@@ -155,13 +176,14 @@ def _ldm_vae_key(key: str, levels: int) -> str:
     return key.replace("conv_shortcut.", "nin_shortcut.").replace("conv_norm_out.", "norm_out.")
 
 
-def make_tiny_sdxl_vae(seed: int = 0, widths=TINY_VAE_WIDTHS):
-    """diffusers' AutoencoderKL with the SDXL VAE's configuration, narrower, every parameter seeded."""
+def make_tiny_sdxl_vae(seed: int = 0, widths=TINY_VAE_WIDTHS, fmt: str = "sdxl"):
+    """diffusers' AutoencoderKL with the SDXL VAE's configuration (fmt "flux": the FLUX AE's), narrower, every
+    parameter seeded."""
     from diffusers import AutoencoderKL
 
-    from .image.vae import sdxl_vae_config
+    from .image.vae import packaged_config
 
-    config = {k: v for k, v in sdxl_vae_config().items() if not k.startswith("_")}
+    config = {k: v for k, v in packaged_config(fmt).items() if not k.startswith("_")}
     config["block_out_channels"] = list(widths)
     vae = AutoencoderKL(**config)
     gen = torch.Generator("cpu").manual_seed(seed)
@@ -177,13 +199,13 @@ def make_tiny_sdxl_vae(seed: int = 0, widths=TINY_VAE_WIDTHS):
     return vae.eval().requires_grad_(False)
 
 
-def write_tiny_sdxl_vae(path, seed: int = 0, *, ldm_layout: bool = True, widths=TINY_VAE_WIDTHS):
-    """Write make_tiny_sdxl_vae(seed, widths) as one safetensors file, by default in the released
-    sdxl_vae.safetensors key layout (attention projections as 1x1 convolutions); returns (path, the diffusers model).
-    widths=(128, 256, 512, 512) gives the released shapes."""
+def write_tiny_sdxl_vae(path, seed: int = 0, *, ldm_layout: bool = True, widths=TINY_VAE_WIDTHS, fmt: str = "sdxl"):
+    """Write make_tiny_sdxl_vae(seed, widths, fmt) as one safetensors file, by default in the released
+    sdxl_vae.safetensors / ae.safetensors key layout (attention projections as 1x1 convolutions); returns (path, the
+    diffusers model). widths=(128, 256, 512, 512) gives the released shapes."""
     from safetensors.torch import save_file
 
-    vae = make_tiny_sdxl_vae(seed, widths)
+    vae = make_tiny_sdxl_vae(seed, widths, fmt)
     levels = len(vae.config.block_out_channels)
     tensors = {}
     for key, value in vae.state_dict().items():
@@ -305,6 +327,85 @@ def make_tiny_gemma_folder(
         torch.save(state, os.path.join(path, "pytorch_model.bin"))
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:  # the released keys, not 5.x's
         json.dump(config_json, f, indent=2)
+    tokenizer.save_pretrained(path)
+    tokenizer_config_path = os.path.join(path, "tokenizer_config.json")
+    with open(tokenizer_config_path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config.update(add_bos_token=True, add_eos_token=False)
+    with open(tokenizer_config_path, "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
+    return Path(path)
+
+
+def write_tiny_flux_ae(path, seed: int = 0, *, ldm_layout: bool = True, widths=TINY_VAE_WIDTHS):
+    """A tiny FLUX AE (16 latent channels, no quant convolutions) as ae.safetensors has it; returns (path, the
+    diffusers model)."""
+    return write_tiny_sdxl_vae(path, seed, ldm_layout=ldm_layout, widths=widths, fmt="flux")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gemma-2: a tiny google/gemma-2-2b-shaped folder for Lumina-Image-2.0's text encoder, with the tiny Gemma tokenizer
+# (the same special tokens and ids).
+
+
+def tiny_gemma2_config_json(*, hidden_size: int = 32, n_layers: int = 3, vocab_size: int = TINY_VOCAB_SIZE) -> dict:
+    """config.json with the keys google/gemma-2-2b publishes, shrunk: grouped-query attention with a head_dim that
+    is not hidden / heads, attention-logit soft-capping 50, sliding window on every other layer, gelu_pytorch_tanh,
+    RMSNorm eps 1e-6 applied as (1 + w), tied embeddings."""
+    return {
+        "architectures": ["Gemma2ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "final_logit_softcapping": 30.0,
+        "head_dim": 16,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": 4 * hidden_size,
+        "max_position_embeddings": 8192,
+        "model_type": "gemma2",
+        "num_attention_heads": 4,
+        "num_hidden_layers": n_layers,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "torch_dtype": "float32",
+        "transformers_version": "4.42.4",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+
+
+def make_tiny_gemma2_folder(path, hidden_size: int = 32, seed: int = 0, *, n_layers: int = 3) -> Path:
+    """Write a tiny Gemma-2 folder at `path` (created if needed) in google/gemma-2-2b's layout (`model.*` weights of
+    Gemma2ForCausalLM, no lm_head: it is tied) with make_tiny_gemma_tokenizer(); returns it as a Path."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Gemma2Config, Gemma2Model
+
+    os.makedirs(path, exist_ok=True)
+    config_json = tiny_gemma2_config_json(hidden_size=hidden_size, n_layers=n_layers)
+    model = Gemma2Model(Gemma2Config(**{k: v for k, v in config_json.items() if k != "architectures"}))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, param in model.state_dict().items():
+        if param.ndim == 1:  # RMSNorm weights, applied as (1 + w)
+            value = 0.1 * torch.randn(param.shape, generator=generator)
+        else:
+            value = torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5
+        state["model." + name] = value.contiguous()
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_json, f, indent=2)
+    tokenizer = make_tiny_gemma_tokenizer()
     tokenizer.save_pretrained(path)
     tokenizer_config_path = os.path.join(path, "tokenizer_config.json")
     with open(tokenizer_config_path, encoding="utf-8") as f:

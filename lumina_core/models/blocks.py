@@ -175,6 +175,16 @@ class LuminaDiT(nn.Module):
         for attention in self.attention_modules():
             attention.query_chunk = query_chunk
 
+    def text_context(self, cap_feats, cap_mask, text):
+        """The prepared text of a forward given either features and mask or `text=` (from prepare_text)."""
+        if text is None:
+            if cap_feats is None or cap_mask is None:
+                raise ValueError("give the text as cap_feats and cap_mask, or as text= from prepare_text")
+            return self.prepare_text(cap_feats, cap_mask)
+        if cap_feats is not None or cap_mask is not None:
+            raise ValueError("give the text either as cap_feats/cap_mask or as text=, not both")
+        return text
+
     def check_latent(self, x: torch.Tensor, t, batch: int) -> torch.Tensor:
         """Refuse a latent of the wrong channels, size or batch; returns t as a [B] tensor on x's device."""
         cfg = self.config

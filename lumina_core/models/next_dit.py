@@ -141,9 +141,10 @@ class NextDiT(TextConditionedDiT):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        cap_feats: torch.Tensor,
-        cap_mask: torch.Tensor,
+        cap_feats: Optional[torch.Tensor] = None,
+        cap_mask: Optional[torch.Tensor] = None,
         *,
+        text: Optional[TextContext] = None,
         scale_factor: float = 1.0,
         scale_watershed: float = 1.0,
         proportional_attn: bool = False,
@@ -160,8 +161,12 @@ class NextDiT(TextConditionedDiT):
         ntk_factor and linear_factor give the RoPE scaling already decided (`decide_rope_factors`), instead of
         scale_factor and scale_watershed: the forward then does not read t to choose (no graph break under
         torch.compile). Either form, not both.
+
+        The text comes as features and mask, or already prepared (`text=`, from prepare_text), which lets a wrapper
+        of the module's call, such as `torch.compile(model)`, run the per-step work while the text work stays done
+        once per generation.
         """
-        text = self.prepare_text(cap_feats, cap_mask)
+        text = self.text_context(cap_feats, cap_mask, text)
         return self.forward_with_text(
             x,
             t,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -245,11 +246,13 @@ class UnifiedNextDiT(LuminaDiT):
 
     # ---------------------------------------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_mask: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cap_feats: Optional[torch.Tensor] = None,
+                cap_mask: Optional[torch.Tensor] = None, *, text: Optional[JointText] = None) -> torch.Tensor:
         """Velocity (data - noise) [B, 16, H, W] in x's dtype; t [B] in [0, 1], 0 = noise; cap_feats [B, L, 2304]
-        Gemma-2-2B features with cap_mask [B, L] (True on real tokens, right-padded)."""
-        return self.forward_with_text(x, t, self.prepare_text(cap_feats, cap_mask))
+        Gemma-2-2B features with cap_mask [B, L] (True on real tokens, right-padded), or the text already prepared
+        (`text=`, from prepare_text: a wrapper of the module's call such as `torch.compile(model)` then runs the
+        per-step work alone)."""
+        return self.forward_with_text(x, t, self.text_context(cap_feats, cap_mask, text))
 
     def forward_with_text(self, x: torch.Tensor, t: torch.Tensor, text: JointText) -> torch.Tensor:
         cfg = self.config

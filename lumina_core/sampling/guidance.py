@@ -72,6 +72,15 @@ def renorm(guided: torch.Tensor, cond: torch.Tensor, renorm_cfg: float) -> torch
     return guided * renorm_factor(guided, cond, renorm_cfg)
 
 
+def normalize_rows(guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """diffusers' CFG normalisation (Lumina2Pipeline's cfg_normalization): the guided velocity rescaled so that each
+    row along the last axis (the latent's width) has the conditional velocity's norm, v <- v * |c|_row / |v|_row,
+    always (a rescale, not the original's clamp; a zero row is left as it is)."""
+    cond_norm = torch.linalg.vector_norm(cond, dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(guided, dim=-1, keepdim=True)
+    return torch.where(norm > 0, guided * (cond_norm / norm), guided)
+
+
 def _pad_text(feats: torch.Tensor, mask: torch.Tensor, length: int):
     extra = length - feats.shape[1]
     if extra == 0:

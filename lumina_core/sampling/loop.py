@@ -10,11 +10,11 @@ cfg_trunc), CFG renormalisation and the "dpm" solver on its own grid. This modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from .guidance import GUIDANCE_MODES, batch_text, guide, guided_at, renorm
+from .guidance import GUIDANCE_MODES, batch_text, guide, guided_at, normalize_rows, renorm
 from .schedule import sampling_grid
 from .solvers import SOLVERS, solve
 
@@ -62,6 +62,8 @@ def sample(
     watershed: Optional[float] = None,
     cfg_trunc: Optional[float] = None,
     renorm_cfg: Optional[float] = None,
+    cfg_normalization: bool = False,
+    times: Optional[Sequence[float]] = None,
     defaults: Optional[SamplingDefaults] = None,
     extrapolation_rule: Optional[Callable[..., dict]] = None,
 ) -> torch.Tensor:
@@ -79,6 +81,10 @@ def sample(
     conditional branch alone, b rows instead of 2b. renorm_cfg > 0: the guided velocity's norm per sample (over
     C, H, W) is clamped to renorm_cfg times the conditional velocity's (`guidance.renorm`), at every guided-phase
     evaluation (at cfg 1 too, as the original); 0 is off.
+    cfg_normalization: diffusers' meaning of the words (`guidance.normalize_rows`), at every evaluation that runs the
+    negative, after guidance.
+    times: the solver's grid itself, increasing t from t0 >= 0 to exactly 1 (diffusers' custom sigmas), instead of
+    the one made from steps and shift; denoise must then be 1.
     Settings left at None take `defaults` (a family's demo settings); extrapolation_rule(mode, latent_h, latent_w,
     t, watershed) -> the model's keywords for that step (None: no keywords, the model's plain forward). The caller
     gives both: `lumina_core.sample` fills them in from the model's family in the registry.
@@ -109,6 +115,8 @@ def sample(
     if noise.ndim != 4:
         raise ValueError(f"noise must be [batch, channels, height, width], got shape {tuple(noise.shape)}")
     grid = sampling_grid(solver, steps, shift, denoise)
+    if times is not None:
+        grid = given_time_grid(times, denoise)
     b, _, lh, lw = noise.shape
     device = noise.device
 
@@ -162,7 +170,21 @@ def sample(
         if with_uncond:
             v_cond, v_uncond = v.chunk(2)
             v = guide(v_cond, v_uncond, cfg, guidance)
+            if cfg_normalization:
+                v = normalize_rows(v, v_cond)
         return renorm(v, v_cond, renorm_cfg)
 
     with torch.no_grad():
         return solve(fn, x, grid, solver, callback=callback, atol=atol, rtol=rtol, max_evals=max_evals)
+
+
+def given_time_grid(times: Sequence[float], denoise: float = 1.0) -> torch.Tensor:
+    """A caller's solver grid as float32 t: at least two points, increasing, from t0 >= 0 to exactly 1."""
+    if denoise != 1.0:
+        raise ValueError(f"a given time grid (times=) starts where it starts: denoise must be 1, got {denoise!r}")
+    ts = torch.as_tensor(times, dtype=torch.float32).flatten()
+    if ts.numel() < 2 or not bool(torch.isfinite(ts).all()) or float(ts[0]) < 0 or float(ts[-1]) != 1.0 or not bool(
+            (ts[1:] > ts[:-1]).all()):
+        raise ValueError(f"times must increase from t0 >= 0 to exactly 1 (at least two points), got "
+                         f"{[round(float(t), 4) for t in ts]}")
+    return ts
