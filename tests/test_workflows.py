@@ -46,7 +46,9 @@ TEXT_FAMILY = {LLAMA_NAME: "lumina_t2i", GEMMA_NAME: "lumina_next", GEMMA2_NAME:
 FAMILY_VAE = {"lumina_t2i": VAE_NAME, "lumina_next": VAE_NAME, "lumina2": FLUX_VAE_NAME}
 MODEL_CHOICES = {("LuminaDiTLoader", "dit_name"): tuple(DIT_FAMILY),
                  ("LuminaTextEncoderLoader", "text_encoder_folder"): tuple(TEXT_FAMILY),
-                 ("VAELoader", "vae_name"): (VAE_NAME, FLUX_VAE_NAME)}
+                 ("VAELoader", "vae_name"): (VAE_NAME, FLUX_VAE_NAME),
+                 # the LoRA the Lumina-Image-2.0 LoRA workflow loads (written by the integration server)
+                 ("LuminaLoraLoader", "lora_name"): ("lumina2_lora.safetensors",)}
 DIT_LOADERS = ("LuminaFlagDiTLoader", "LuminaDiTLoader")
 TEXT_ENCODER_LOADERS = ("LuminaLlamaLoader", "LuminaTextEncoderLoader")
 SAMPLERS = ("LuminaSampler", "CFGGuider", "LuminaCFGGuider", "KSampler")

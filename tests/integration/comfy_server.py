@@ -202,11 +202,29 @@ def start_server(base: Path) -> Server:
         if result.returncode:
             pytest.fail(f"{COMFYUI_PYTHON} could not write {target.name}:\n{result.stderr[-3000:]}", pytrace=False)
     # The all-in-one lumina_2.safetensors carries the FLUX AE, as the published file does.
-    make_tiny_models(models, lumina_next=True, lumina2=True, flux_vae=models / "vae" / FLUX_VAE_NAME)
+    paths = make_tiny_models(models, lumina_next=True, lumina2=True, flux_vae=models / "vae" / FLUX_VAE_NAME)
+    write_tiny_lumina2_lora(models / "loras" / LORA_NAME, paths["lumina2"])
     os.symlink(REPO, base / "custom_nodes" / PACK_DIR_NAME)
     server = Server(base)
     server.start()
     return server
+
+
+# The LoRA the Lumina-Image-2.0 LoRA workflow loads (workflows/lumina2_lora.json).
+LORA_NAME = "lumina2_lora.safetensors"
+
+
+def write_tiny_lumina2_lora(path: Path, dit: Path) -> None:
+    """A random diffusers-format (PEFT) LoRA for the tiny Lumina-Image-2.0 DiT at `dit`."""
+    from safetensors.torch import save_file
+
+    from lumina_core import load_dit
+    from tests.helpers_lora import make_entries, spell
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = load_dit(dit, dtype=torch.float32)
+    state = spell(make_entries("lumina2", "peft", base), "lumina2", "peft")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
 def png_size(path: Path) -> tuple[int, int]:

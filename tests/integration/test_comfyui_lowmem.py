@@ -44,7 +44,7 @@ def _sampler(model, positive, negative, latent, seed=3):
     return {"class_type": "LuminaSampler", "inputs": {
         "model": model, "positive": positive, "negative": negative, "latent_image": latent, "seed": seed,
         "steps": 3, "cfg": 4.0, "solver": "euler", "shift": 4.0, "denoise": 1.0, "extrapolation": "t2i",
-        "guidance": "faithful"}}
+        "guidance": "faithful", "cfg_trunc": -1.0, "renorm_cfg": -1.0}}
 
 
 def _base(te_dtype="fp32", dit_dtype="fp32", encoder=True) -> dict:
