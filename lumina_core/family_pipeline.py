@@ -27,7 +27,7 @@ from .image.latent import LatentFormat, latent_format, to_vae_space
 from .image.vae import decode, load_vae, to_pil
 from .lora import apply_lora, remove_lora
 from .pipeline_parts import VAE_FACTOR, _as_list, _check_embeds, _TextPreparedCall, size_error, unwrap
-from .sampling.schedule import make_noise, sampling_grid
+from .sampling.schedule import GRIDS, POWER_RHO, POWER_SHIFT, make_noise, sampling_grid
 from .sampling.solvers import SOLVERS
 from .text.hf_folder import check_cap_feat_dim
 from .weights.tensor_io import DIFFUSERS_WEIGHTS, find_index
@@ -490,16 +490,22 @@ def step_callback(pipe, callback, names, grid, prompt_embeds) -> Optional[Callab
     return on_step
 
 
-def solver_grid(solver: str, steps: int, shift: float, sigmas: Optional[Sequence[float]]) -> torch.Tensor:
-    """The t grid of a call: diffusers' custom sigmas, or the solver's own grid."""
+def solver_grid(solver: str, steps: int, shift: float, sigmas: Optional[Sequence[float]], grid: str = "lumina",
+                grid_shift: float = POWER_SHIFT, grid_rho: float = POWER_RHO) -> torch.Tensor:
+    """The t grid of a call: diffusers' custom sigmas, or the solver grid `grid` ("lumina": the solver's own at
+    `shift`; "power": `schedule.power_time_grid` with grid_shift and grid_rho)."""
     if sigmas is not None:
         return sigmas_time_grid(sigmas, shift)
-    return sampling_grid(solver, steps, shift)
+    return sampling_grid(solver, steps, shift, 1.0, grid, grid_shift, grid_rho)
 
 
-def check_sampling(solver: str, num_inference_steps, sigmas) -> None:
+def check_sampling(solver: str, num_inference_steps, sigmas, grid: str = "lumina") -> None:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown solver grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    if sigmas is not None and grid != "lumina":
+        raise ValueError(f"give sigmas or grid={grid!r}, not both: custom sigmas are the whole grid")
     if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
 

@@ -34,7 +34,7 @@ from .pipeline_parts import (  # noqa: F401  (size_error: the generate command's
     unwrap,
 )
 from .sampling.guidance import GUIDANCE_MODES
-from .sampling.schedule import make_noise, time_grid
+from .sampling.schedule import GRIDS, POWER_RHO, POWER_SHIFT, make_noise, time_grid
 from .sampling.solvers import SOLVERS
 from .text.hf_folder import check_cap_feat_dim
 from .text.llama import LlamaTextEncoder
@@ -186,6 +186,9 @@ class LuminaT2IPipeline(FamilyPipeline):
         guidance: str = "faithful",
         callback_on_step_end: Optional[Callable] = None,
         return_dict: bool = True,
+        grid: str = "lumina",
+        grid_shift: float = POWER_SHIFT,
+        grid_rho: float = POWER_RHO,
     ):
         """Generate images; returns LuminaT2IPipelineOutput(images=...) (a 1-tuple with return_dict=False).
 
@@ -195,6 +198,9 @@ class LuminaT2IPipeline(FamilyPipeline):
         list of generators (one per image), one draw from a single generator, the nodes' noise for `seed`, or
         torch's global generator. callback_on_step_end(pipe, step, t, {"latents": x, "denoised": x1}) runs after
         each step (x in model space); its return value is not used, and raising from it stops the generation.
+        grid, grid_shift, grid_rho: the solver grid, as the Lumina Sampler's: "lumina" (the shifted grid at `shift`)
+        or "power" (sigma_i = shift_s((1 - i/N)^rho) with s = grid_shift, rho = grid_rho); with a multistep solver
+        the few-step settings of the README's "Few-step sampling", e.g. solver="ab3", grid="power".
         """
         dit = unwrap(self.transformer)
         cap = dit.config.cap_feat_dim
@@ -204,7 +210,7 @@ class LuminaT2IPipeline(FamilyPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         for name, value, choices in (("solver", solver, SOLVERS), ("extrapolation", extrapolation, EXTRAPOLATIONS),
-                                     ("guidance", guidance, GUIDANCE_MODES)):
+                                     ("guidance", guidance, GUIDANCE_MODES), ("grid", grid, GRIDS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -251,7 +257,8 @@ class LuminaT2IPipeline(FamilyPipeline):
             samples = sample(
                 _TextPreparedCall(self.transformer), noise.to(device), (feats, mask),
                 (nfeats, nmask) if guided else None, steps=num_inference_steps, cfg=guidance_scale, shift=shift,
-                solver=solver, extrapolation=extrapolation, guidance=guidance, callback=on_step,
+                solver=solver, extrapolation=extrapolation, guidance=guidance, callback=on_step, grid=grid,
+                grid_shift=grid_shift, grid_rho=grid_rho,
             )
         raw = to_vae_space(samples.float()).cpu()
         if output_type == "latent":

@@ -44,6 +44,7 @@ from .family_pipeline import (
     solver_grid,
     step_callback,
 )
+from .sampling.schedule import POWER_RHO, POWER_SHIFT
 
 # diffusers' limit on max_sequence_length.
 MAX_SEQUENCE_LENGTH = 512
@@ -125,6 +126,9 @@ class Lumina2Pipeline(FamilyPipeline):
         shift: Optional[float] = None,
         cfg_trunc: Optional[float] = None,
         renorm_cfg: Optional[float] = None,
+        grid: str = "lumina",
+        grid_shift: float = POWER_SHIFT,
+        grid_rho: float = POWER_RHO,
     ):
         """Generate images; returns LuminaPipelineOutput(images=...) (a 1-tuple with return_dict=False).
 
@@ -134,6 +138,10 @@ class Lumina2Pipeline(FamilyPipeline):
         cfg_normalization): see the module docstring. attention_kwargs (diffusers' options of its attention
         processors) must be None or empty: LoRA strength is load_lora_weights(path, strength).
 
+        grid, grid_shift, grid_rho: the solver grid, as the Lumina Sampler's: "lumina" (the solver's own at `shift`)
+        or "power" (sigma_i = shift_s((1 - i/N)^rho), s = grid_shift, rho = grid_rho; the README's "Few-step
+        sampling"); not with `sigmas`.
+
         Noise: `latents` if given, else one draw per image from a list of generators, one draw from a single
         generator, the nodes' noise for `seed`, or torch's global generator (float32, on the generators' device).
         """
@@ -141,7 +149,7 @@ class Lumina2Pipeline(FamilyPipeline):
         height = DEFAULT_SIZE if height is None else height
         self._check_call(width, height, output_type, num_images_per_prompt, seed, generator, guidance_scale)
         names = check_callback_inputs(callback_on_step_end_tensor_inputs)
-        check_sampling(solver, num_inference_steps, sigmas)
+        check_sampling(solver, num_inference_steps, sigmas, grid)
         _check_length(max_sequence_length)
         if attention_kwargs:
             raise ValueError(f"attention_kwargs {sorted(attention_kwargs)}: diffusers' attention-processor options "
@@ -150,7 +158,7 @@ class Lumina2Pipeline(FamilyPipeline):
             raise ValueError("give cfg_trunc_ratio (diffusers': a fraction of the steps) or cfg_trunc (the "
                              "original's: a time), not both")
         shift = self.family.defaults.shift if shift is None else shift
-        grid = solver_grid(solver, num_inference_steps, shift, sigmas)
+        ts = solver_grid(solver, num_inference_steps, shift, sigmas, grid, grid_shift, grid_rho)
 
         guided = guidance_scale > 1.0
         feats, mask, nf, nm = self._call_text(
@@ -159,15 +167,15 @@ class Lumina2Pipeline(FamilyPipeline):
             max_tokens=max_sequence_length, options={"system_prompt": system_prompt})
         noise = self._noise(prompt, prompt_embeds, num_images_per_prompt, height, width, generator, seed, latents)
         settings = {
-            "steps": len(grid) - 1, "cfg": guidance_scale if guided else 1.0, "shift": shift, "solver": solver,
-            "cfg_trunc": diffusers_cfg_trunc(cfg_trunc_ratio, grid) if cfg_trunc is None else cfg_trunc,
+            "steps": len(ts) - 1, "cfg": guidance_scale if guided else 1.0, "shift": shift, "solver": solver,
+            "cfg_trunc": diffusers_cfg_trunc(cfg_trunc_ratio, ts) if cfg_trunc is None else cfg_trunc,
             "renorm_cfg": 0.0 if renorm_cfg is None else renorm_cfg,
             "cfg_normalization": renorm_cfg is None and bool(cfg_normalization),
         }
-        if sigmas is not None:
-            settings["times"] = grid
-        out = self._sample(noise, (feats, mask), (nf, nm) if guided else None, n_steps=len(grid) - 1,
-                           on_step=step_callback(self, callback_on_step_end, names, grid, feats), **settings)
+        if sigmas is not None or grid != "lumina":
+            settings["times"] = ts
+        out = self._sample(noise, (feats, mask), (nf, nm) if guided else None, n_steps=len(ts) - 1,
+                           on_step=step_callback(self, callback_on_step_end, names, ts, feats), **settings)
         return self._output(out, output_type, return_dict)
 
 

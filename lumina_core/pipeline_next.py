@@ -45,6 +45,7 @@ from .family_pipeline import (
 from .models.config import TRAINED_SIDE, TRAINED_SIZE
 from .sampling.guidance import GUIDANCE_MODES
 from .sampling.loop import EXTRAPOLATIONS
+from .sampling.schedule import POWER_RHO, POWER_SHIFT
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class LuminaPipeline(FamilyPipeline):
         extrapolation: Optional[str] = None,
         guidance: str = "faithful",
         regions: Optional[Sequence] = None,
+        grid: str = "lumina",
+        grid_shift: float = POWER_SHIFT,
+        grid_rho: float = POWER_RHO,
     ):
         """Generate images; returns LuminaPipelineOutput(images=...) (a 1-tuple with return_dict=False).
 
@@ -131,6 +135,10 @@ class LuminaPipeline(FamilyPipeline):
         a string or features/(features, mask), box (left, top, right, bottom) in fractions of the image; the
         prompt, if given, is the global caption).
 
+        grid, grid_shift, grid_rho: the solver grid, as the Lumina Sampler's: "lumina" (the solver's own at `shift`)
+        or "power" (sigma_i = shift_s((1 - i/N)^rho), s = grid_shift, rho = grid_rho; the README's "Few-step
+        sampling"); not with `sigmas`.
+
         Noise: `latents` if given, else one draw per image from a list of generators, one draw from a single
         generator, the nodes' noise for `seed`, or torch's global generator (float32, on the generators' device).
         """
@@ -138,14 +146,14 @@ class LuminaPipeline(FamilyPipeline):
         height = DEFAULT_SIZE if height is None else height
         self._check_call(width, height, output_type, num_images_per_prompt, seed, generator, guidance_scale)
         names = check_callback_inputs(callback_on_step_end_tensor_inputs)
-        check_sampling(solver, num_inference_steps, sigmas)
+        check_sampling(solver, num_inference_steps, sigmas, grid)
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
         if extrapolation is not None and extrapolation not in EXTRAPOLATIONS:
             raise ValueError(f"unknown extrapolation {extrapolation!r}; choose one of {', '.join(EXTRAPOLATIONS)}")
         _clean_caption_note(clean_caption)
         shift = self.family.defaults.shift if shift is None else shift
-        grid = solver_grid(solver, num_inference_steps, shift, sigmas)
+        ts = solver_grid(solver, num_inference_steps, shift, sigmas, grid, grid_shift, grid_rho)
 
         guided = guidance_scale > 1.0
         if regions is not None and prompt is None and prompt_embeds is None:
@@ -162,17 +170,17 @@ class LuminaPipeline(FamilyPipeline):
             noise_prompt = prompt
         noise = self._noise(noise_prompt, prompt_embeds, num_images_per_prompt, height, width, generator, seed,
                             latents)
-        settings = {"steps": len(grid) - 1, "cfg": guidance_scale if guided else 1.0, "shift": shift,
+        settings = {"steps": len(ts) - 1, "cfg": guidance_scale if guided else 1.0, "shift": shift,
                     "solver": solver, "guidance": guidance}
         if extrapolation is None:
             settings["extrapolation_rule"] = diffusers_rope_rule(width, height, scaling_watershed, proportional_attn)
         else:
             settings["extrapolation"] = extrapolation
-        if sigmas is not None:
-            settings["times"] = grid
+        if sigmas is not None or grid != "lumina":
+            settings["times"] = ts
         out = self._sample(
-            noise, None if feats is None else (feats, mask), (nf, nm) if guided else None, n_steps=len(grid) - 1,
-            on_step=step_callback(self, callback_on_step_end, names, grid, feats),
+            noise, None if feats is None else (feats, mask), (nf, nm) if guided else None, n_steps=len(ts) - 1,
+            on_step=step_callback(self, callback_on_step_end, names, ts, feats),
             regions=None if regions is None else self._region_captions(regions, max_sequence_length), **settings,
         )
         return self._output(out, output_type, return_dict)

@@ -16,7 +16,7 @@ from lumina_core import families, make_noise, sample
 from lumina_core.image.latent import to_model_space, to_vae_space
 from lumina_core.sampling.guidance import GUIDANCE_MODES
 from lumina_core.sampling.loop import EXTRAPOLATIONS, SamplingDefaults
-from lumina_core.sampling.schedule import sampling_grid, sigmas_from_time_grid
+from lumina_core.sampling.schedule import GRIDS, POWER_RHO, POWER_SHIFT, sampling_grid, sigmas_from_time_grid
 from lumina_core.sampling.solvers import SOLVERS
 
 from . import comfy_env, comfy_model, comfy_sampling
@@ -31,7 +31,10 @@ FAMILY_DEFAULT = -1.0
 _NEUTRAL = {f.name: f.default for f in dataclasses.fields(SamplingDefaults) if f.name in ("cfg_trunc", "renorm_cfg")}
 SOLVER_TOOLTIP = (
     "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second order at 1 per step), dopri5 "
-    "(adaptive), dpm (Lumina-Image-2.0's flow DPM-Solver++ 2M, 1 per step on its own schedule, steps >= 2)."
+    "(adaptive), dpm (Lumina-Image-2.0's flow DPM-Solver++ 2M, 1 per step on its own schedule, steps >= 2). Few "
+    "steps, 1 evaluation per step each: ab3 (Adams-Bashforth 3), dpmpp_2m / dpmpp_3m (DPM-Solver++ 2M / 3M), "
+    "unipc_2 / unipc_3 (UniPC bh2, predictor of order 2 / 3, its corrector reusing the next evaluation); with grid "
+    "power."
 )
 
 
@@ -82,6 +85,46 @@ def _renorm_cfg_input():
             "(Lumina-Image-2.0: 1.0; Lumina-T2I, Lumina-Next and other models: 0, off).",
         },
     )
+
+
+def grid_inputs() -> dict:
+    """The solver-grid inputs (advanced; their defaults keep the Lumina grid of the shift input)."""
+    return {
+        "grid": (
+            list(GRIDS),
+            {
+                "default": "lumina",
+                "advanced": True,
+                "tooltip": "Solver grid. lumina: the shifted grid of the shift input (the solver's own for dpm), as "
+                "the originals. power: sigma_i = shift_s((1 - i/steps)^rho) with grid_shift and grid_rho (the shift "
+                "input unused): with ab3 or ab2 and 8 steps, the accuracy of the Lumina-T2I demo's 29 Euler steps on "
+                "exact flows; see the README's Few-step sampling.",
+            },
+        ),
+        "grid_shift": (
+            "FLOAT",
+            {
+                "default": POWER_SHIFT,
+                "min": 0.01,
+                "max": 100.0,
+                "step": 0.01,
+                "advanced": True,
+                "tooltip": "grid power only: its shift s, sigma' = s*sigma / (1 + (s-1)*sigma).",
+            },
+        ),
+        "grid_rho": (
+            "FLOAT",
+            {
+                "default": POWER_RHO,
+                "min": 0.1,
+                "max": 10.0,
+                "step": 0.01,
+                "advanced": True,
+                "tooltip": "grid power only: its exponent rho, sigma = (1 - i/steps)^rho before the shift; above 1 "
+                "puts more steps near the image, 1 is the Lumina grid at shift grid_shift.",
+            },
+        ),
+    }
 
 
 def family_setting(model, name: str, value: float) -> float:
@@ -174,7 +217,8 @@ class LuminaSampler:
                 ),
                 "cfg_trunc": _cfg_trunc_input(),
                 "renorm_cfg": _renorm_cfg_input(),
-            }
+            },
+            "optional": grid_inputs(),
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -189,7 +233,8 @@ class LuminaSampler:
 
     def sample(
         self, model, positive, negative, latent_image, seed, steps, cfg, solver, shift, denoise, extrapolation, guidance,
-        cfg_trunc=FAMILY_DEFAULT, renorm_cfg=FAMILY_DEFAULT,
+        cfg_trunc=FAMILY_DEFAULT, renorm_cfg=FAMILY_DEFAULT, grid="lumina", grid_shift=POWER_SHIFT,
+        grid_rho=POWER_RHO,
     ):
         dit = comfy_model.lumina_dit(model)
         family = families.get_family(dit.family)
@@ -206,6 +251,7 @@ class LuminaSampler:
                 model, positive, negative if uncond is not None else positive, raw, latent_image.get("batch_index"),
                 seed, steps, cfg, solver, shift, denoise, extrapolation, guidance,
                 family_setting(model, "cfg_trunc", cfg_trunc), family_setting(model, "renorm_cfg", renorm_cfg),
+                (grid, grid_shift, grid_rho),
             )
             return (out,)
         # Plain Python: nothing can patch the MODEL, so the core computes the same latents directly.
@@ -226,16 +272,19 @@ class LuminaSampler:
             guidance=guidance,
             cfg_trunc=family_setting(model, "cfg_trunc", cfg_trunc),
             renorm_cfg=family_setting(model, "renorm_cfg", renorm_cfg),
+            grid=grid,
+            grid_shift=grid_shift,
+            grid_rho=grid_rho,
         )
         out["samples"] = to_vae_space(samples.float(), fmt).to(comfy_env.intermediate_device())
         return (out,)
 
     @staticmethod
     def _sample_in_comfyui(model, positive, negative, raw, batch_index, seed, steps, cfg, solver, shift, denoise,
-                           extrapolation, guidance, cfg_trunc, renorm_cfg):
+                           extrapolation, guidance, cfg_trunc, renorm_cfg, solver_grid=("lumina",)):
         """Lumina Sigmas + Lumina CFG Guider + Lumina ODE Sampler through ComfyUI's sampling (the negative is the
-        positive at cfg 1, where it is not evaluated)."""
-        sigmas = sigmas_from_time_grid(sampling_grid(solver, steps, shift, denoise))
+        positive at cfg 1, where it is not evaluated); solver_grid: (grid, grid_shift, grid_rho)."""
+        sigmas = sigmas_from_time_grid(sampling_grid(solver, steps, shift, denoise, *solver_grid))
         comfy_env.check_interrupted()
         if len(sigmas) < 2:  # denoise 0: nothing to do
             return raw.clone().to(comfy_env.intermediate_device())
@@ -265,7 +314,8 @@ class LuminaSigmas:
                         "shifted uniform schedule.",
                     },
                 ),
-            }
+            },
+            "optional": grid_inputs(),
         }
 
     RETURN_TYPES = ("SIGMAS",)
@@ -278,8 +328,9 @@ class LuminaSigmas:
         "dpm for the Lumina ODE Sampler's dpm."
     )
 
-    def get_sigmas(self, steps, shift, denoise, solver="euler"):
-        return (sigmas_from_time_grid(sampling_grid(solver, steps, shift, denoise)),)
+    def get_sigmas(self, steps, shift, denoise, solver="euler", grid="lumina", grid_shift=POWER_SHIFT,
+                   grid_rho=POWER_RHO):
+        return (sigmas_from_time_grid(sampling_grid(solver, steps, shift, denoise, grid, grid_shift, grid_rho)),)
 
 
 def _tolerance_input(default: float, minimum: float, what: str):
@@ -308,7 +359,8 @@ class LuminaODESampler:
                         "tooltip": "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second "
                         "order at 1 per step), dopri5 (adaptive: the SIGMAS set only start and end), dpm "
                         "(Lumina-Image-2.0's flow DPM-Solver++ 2M, 1 per step, on any SIGMAS; its original "
-                        "schedule: Lumina Sigmas with solver dpm).",
+                        "schedule: Lumina Sigmas with solver dpm); few-step solvers at 1 evaluation per step: ab3, "
+                        "dpmpp_2m, dpmpp_3m, unipc_2, unipc_3 (Lumina Sigmas with grid power gives their grid).",
                     },
                 ),
                 "rtol": _tolerance_input(1e-3, 1e-8, "relative tolerance"),

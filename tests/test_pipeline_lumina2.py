@@ -492,3 +492,14 @@ def test_demo_of_the_family_writes_a_16_channel_latent(tmp_path):
                  "--steps", "2"]) == 0
     raw = load_file(str(tmp_path / "lumina_demo.latent"))["latent_tensor"]
     assert raw.shape == (1, 16, 4, 6) and torch.isfinite(raw).all()
+
+
+def test_power_solver_grid_is_the_cores(pipe):
+    """grid="power" with a few-step solver: the core sampler on `power_time_grid` (an independent formula here)."""
+    s, rho, n = 4.0, 1.2, 4
+    sig = [(1 - i / n) ** rho for i in range(n + 1)]
+    times = torch.tensor([1 - s * x / (1 + (s - 1) * x) for x in sig], dtype=torch.float32)
+    out = _latent(pipe, seed=2, num_inference_steps=n, solver="dpmpp_2m", grid="power", grid_shift=s, grid_rho=rho)
+    ref = _reference(pipe, [PROMPT], [""], _noise(2), steps=n, solver="dpmpp_2m", times=times)
+    assert _close(out, ref)
+    assert not _close(out, _latent(pipe, seed=2, num_inference_steps=n, solver="dpmpp_2m"), rtol=1e-3)

@@ -526,3 +526,17 @@ def test_rope_rule_is_diffusers_formula():
     assert rule("off", 128, 256, 0.5, 0.3) == {"proportional_attn": True, "base_seqlen": 4096,
                                                "scale_factor": math.sqrt(2048 * 1024) / 1024, "scale_watershed": 0.3}
     assert diffusers_rope_rule(1024, 1024, 1.0, False)("off", 128, 128, 0.5, 0.3) == {}
+
+
+def test_power_solver_grid_is_the_cores(pipe):
+    """grid="power" with a few-step solver: the core sampler on `power_time_grid` (an independent formula here)."""
+    s, rho, n = 3.0, 1.5, 4
+    sig = [(1 - i / n) ** rho for i in range(n + 1)]
+    times = torch.tensor([1 - s * x / (1 + (s - 1) * x) for x in sig], dtype=torch.float32)
+    out = _latent(pipe, seed=2, num_inference_steps=n, solver="ab3", grid="power", grid_shift=s, grid_rho=rho)
+    assert _close(out, _reference(pipe, [PROMPT], [""], _noise(2), steps=n, solver="ab3", times=times))
+    assert not _close(out, _latent(pipe, seed=2, num_inference_steps=n, solver="ab3"), rtol=1e-3)
+    with pytest.raises(ValueError, match="grid"):
+        _latent(pipe, seed=2, grid="karras")
+    with pytest.raises(ValueError, match="not both"):
+        _latent(pipe, seed=2, grid="power", sigmas=[1.0, 0.5])

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .guidance import GUIDANCE_MODES, batch_text, guide, guided_at, normalize_rows, renorm
-from .schedule import sampling_grid
+from .schedule import GRIDS, POWER_RHO, POWER_SHIFT, sampling_grid
 from .solvers import SOLVERS, solve
 
 # Resolution extrapolation modes (what each means is the model's rule; see lumina_core.models).
@@ -64,6 +64,9 @@ def sample(
     renorm_cfg: Optional[float] = None,
     cfg_normalization: bool = False,
     times: Optional[Sequence[float]] = None,
+    grid: str = "lumina",
+    grid_shift: float = POWER_SHIFT,
+    grid_rho: float = POWER_RHO,
     defaults: Optional[SamplingDefaults] = None,
     extrapolation_rule: Optional[Callable[..., dict]] = None,
 ) -> torch.Tensor:
@@ -77,6 +80,9 @@ def sample(
     init_latent: model-space latent for img2img; the start is noise*(1-t0) + init_latent*t0.
     solver "dpm" runs on its own grid (`schedule.dpm_time_grid`: steps >= 2 intervals, one evaluation each; denoise
     cuts it as it cuts the others).
+    grid: the solver grid. "lumina" (default): the solver's own Lumina grid at `shift`; "power": sigma_i =
+    shift_s((1 - i/steps)^rho) with s = grid_shift and rho = grid_rho, `shift` unused (`schedule.power_time_grid`;
+    the few-step settings of SPEC.md §12 and the README).
     cfg_trunc: an evaluation at t is guided while t < cfg_trunc (>= 1: always, t = 1 included); later ones run the
     conditional branch alone, b rows instead of 2b. renorm_cfg > 0: the guided velocity's norm per sample (over
     C, H, W) is clamped to renorm_cfg times the conditional velocity's (`guidance.renorm`), at every guided-phase
@@ -102,6 +108,8 @@ def sample(
     renorm_cfg = defaults.renorm_cfg if renorm_cfg is None else float(renorm_cfg)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown solver grid {grid!r}; choose one of {', '.join(GRIDS)}")
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance mode {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
     if extrapolation_rule is not None and extrapolation not in EXTRAPOLATIONS:
@@ -114,9 +122,9 @@ def sample(
         raise ValueError(f"renorm_cfg must be >= 0 (0: off), got {renorm_cfg!r}")
     if noise.ndim != 4:
         raise ValueError(f"noise must be [batch, channels, height, width], got shape {tuple(noise.shape)}")
-    grid = sampling_grid(solver, steps, shift, denoise)
+    ts = sampling_grid(solver, steps, shift, denoise, grid, grid_shift, grid_rho)
     if times is not None:
-        grid = given_time_grid(times, denoise)
+        ts = given_time_grid(times, denoise)
     b, _, lh, lw = noise.shape
     device = noise.device
 
@@ -124,9 +132,9 @@ def sample(
     if init_latent is not None and denoise < 1.0:
         if init_latent.shape != noise.shape:
             raise ValueError(f"init_latent shape {tuple(init_latent.shape)} differs from noise {tuple(noise.shape)}")
-        t0 = float(grid[0])
+        t0 = float(ts[0])
         x = noise * (1 - t0) + init_latent.to(noise) * t0
-    if len(grid) < 2:
+    if len(ts) < 2:
         return x
 
     use_cfg = cfg != 1.0
@@ -175,7 +183,7 @@ def sample(
         return renorm(v, v_cond, renorm_cfg)
 
     with torch.no_grad():
-        return solve(fn, x, grid, solver, callback=callback, atol=atol, rtol=rtol, max_evals=max_evals)
+        return solve(fn, x, ts, solver, callback=callback, atol=atol, rtol=rtol, max_evals=max_evals)
 
 
 def given_time_grid(times: Sequence[float], denoise: float = 1.0) -> torch.Tensor:

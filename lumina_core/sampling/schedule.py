@@ -8,6 +8,10 @@ Follows `lumina_t2i/transport` and `demo.py` of Alpha-VLLM/Lumina-T2X (the shift
 `lumina_next_t2i_mini/transport.py` (img2img strength), with `steps` counting solver steps as in ComfyUI (the
 originals count grid points: their 30 is 29 steps here). The grid of the "dpm" solver is Lumina-Image-2.0's
 (`transport/dpm_solver.py`, SANA's "time_uniform_flow"), where the original's step count already means intervals.
+
+Solver grids (SPEC.md §12) are separate from the model: "lumina", the grid above at the model's shift (each solver's
+own, the default), or "power", sigma_i = shift_s((1 - i/N)^rho) with its own s and rho, which spends fewer steps near
+noise and more near data than a shift-4 or shift-6 Lumina grid; with rho = 1 and s = the shift it is the Lumina grid.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+# Solver grids: the Lumina grid at the model's shift, or the power grid with its own shift and rho.
+GRIDS = ("lumina", "power")
+# The power grid's defaults: the few-step setting the exact-flow benchmark (tests/bench/bench_solvers.py) recommends.
+POWER_SHIFT = 4.0
+POWER_RHO = 1.5
 
 
 def time_grid(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
@@ -61,9 +71,36 @@ def dpm_time_grid(steps: int, shift: float, denoise: float = 1.0) -> torch.Tenso
     return t
 
 
-def sampling_grid(solver: str, steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
-    """The time grid a solver runs on: `dpm_time_grid` for "dpm", `time_grid` for every other solver."""
-    return (dpm_time_grid if solver == "dpm" else time_grid)(steps, shift, denoise)
+def power_time_grid(steps: int, shift: float = POWER_SHIFT, rho: float = POWER_RHO, denoise: float = 1.0
+                    ) -> torch.Tensor:
+    """Float32 grid of t from 0 to 1 (both exact): sigma_i = shift_s((1 - i/steps)^rho), t_i = 1 - sigma_i, with
+    shift_s(sigma) = s*sigma / (1 + (s-1)*sigma) (computed in float64). rho > 1 puts more of the steps near the data
+    end; rho = 1 is `time_grid` at shift s. denoise < 1 cuts it as `time_grid` does."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not shift > 0:
+        raise ValueError(f"the power grid's shift must be > 0, got {shift!r}")
+    if not rho > 0:
+        raise ValueError(f"the power grid's rho must be > 0, got {rho!r}")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be between 0 and 1, got {denoise!r}")
+    sigma = (1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps) ** rho
+    t = (1.0 - shift * sigma / (1 + (shift - 1) * sigma)).to(torch.float32)
+    if denoise < 1.0:
+        t = t[min(steps, int((steps + 1) * (1 - denoise))):]
+    return t
+
+
+def sampling_grid(solver: str, steps: int, shift: float, denoise: float = 1.0, grid: str = "lumina",
+                  grid_shift: float = POWER_SHIFT, grid_rho: float = POWER_RHO) -> torch.Tensor:
+    """The time grid a solver runs on. grid "lumina": the solver's own at the model's shift (`dpm_time_grid` for
+    "dpm", `time_grid` for every other solver); "power": `power_time_grid(steps, grid_shift, grid_rho)` for every
+    solver, `shift` unused."""
+    if grid == "lumina":
+        return (dpm_time_grid if solver == "dpm" else time_grid)(steps, shift, denoise)
+    if grid == "power":
+        return power_time_grid(steps, grid_shift, grid_rho, denoise)
+    raise ValueError(f"unknown solver grid {grid!r}; choose one of {', '.join(GRIDS)}")
 
 
 def sigmas_from_time_grid(t: torch.Tensor) -> torch.Tensor:

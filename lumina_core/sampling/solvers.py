@@ -2,8 +2,11 @@
 increasing t.
 
 The fixed-grid solvers of the originals (euler, midpoint, rk4 with the 3/8 rule, torchdiffeq's "rk4"), a two-step
-Adams-Bashforth for uneven steps, adaptive Dormand-Prince 5(4) as torchdiffeq's dopri5, and Lumina-Image-2.0's
-"dpm": the flow DPM-Solver++ of its `transport/dpm_solver.py` (SANA's; multistep, order 2, lower-order final step).
+Adams-Bashforth for uneven steps, adaptive Dormand-Prince 5(4) as torchdiffeq's dopri5, and the multistep solvers of
+`multistep.py` at one evaluation per step: DPM-Solver++ 2M and 3M and UniPC (bh2) of order 2 and 3 in the flow's data
+prediction, Adams-Bashforth 3, and Lumina-Image-2.0's "dpm", the flow DPM-Solver++ of its `transport/dpm_solver.py`
+(SANA's; multistep, order 2, lower-order final step): DPM-Solver++ 2M, which it runs on its own grid
+(`schedule.dpm_time_grid`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,17 @@ from typing import Callable, Optional
 
 import torch
 
-SOLVERS = ("euler", "midpoint", "rk4", "ab2", "dopri5", "dpm")
+from . import multistep
+
+SOLVERS = ("euler", "midpoint", "rk4", "ab2", "dopri5", "dpm", "ab3", "dpmpp_2m", "dpmpp_3m", "unipc_2", "unipc_3")
 
 # Model evaluations per step of the fixed-grid solvers (dopri5 is adaptive).
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "ab2": 1, "dpm": 1}
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "ab2": 1, "dpm": 1, "ab3": 1, "dpmpp_2m": 1, "dpmpp_3m": 1,
+                  "unipc_2": 1, "unipc_3": 1}
+
+# The multistep solvers in the data prediction: (method of `multistep`, order). "dpm" is DPM-Solver++ 2M.
+DATA_MULTISTEP = {"dpm": (multistep.dpmpp, 2), "dpmpp_2m": (multistep.dpmpp, 2), "dpmpp_3m": (multistep.dpmpp, 3),
+                  "unipc_2": (multistep.unipc, 2), "unipc_3": (multistep.unipc, 3)}
 
 
 class SamplingError(RuntimeError):
@@ -52,8 +62,11 @@ def solve(
         return x
     if solver == "dopri5":
         return _dopri5(fn, x, ts, callback, atol, rtol, max_evals)
-    if solver == "dpm":
-        return _dpm(fn, x, ts, callback)
+    if solver in DATA_MULTISTEP:
+        method, order = DATA_MULTISTEP[solver]
+        return method(fn, x, ts, order, _reporter(callback))
+    if solver == "ab3":
+        return multistep.ab3(fn, x, ts, _reporter(callback))
     if solver not in EVALS_PER_STEP:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     steps = len(ts) - 1
@@ -91,44 +104,16 @@ def solve(
     return x
 
 
-def _half_log_snr(t: float) -> float:
-    """lambda = log(alpha / sigma) of the flow path (alpha = t, sigma = 1 - t); -inf at pure noise, inf at data."""
-    if t <= 0.0:
-        return -math.inf
-    if t >= 1.0:
-        return math.inf
-    return math.log(t) - math.log1p(-t)
+def _reporter(callback):
+    """report(step, steps, t, x, denoised, evals) for the loops of `multistep`: the finiteness check, then the
+    callback."""
 
-
-def _dpm(fn, x, ts, callback):
-    """Flow DPM-Solver++ (2M) over the grid ts, the "dpm" of Lumina-Image-2.0 (SANA's `dpm_solver.py` with order 2,
-    method "multistep", algorithm "dpmsolver++", lower_order_final): one evaluation at the start of every step
-    (none at the end, so t = 1 is never evaluated), the data prediction m = x + (1 - t) v, and in half log-SNR
-    h = lambda(t1) - lambda(t0):
-      first order   x1 = (sigma1/sigma0) x - alpha1 expm1(-h) m0
-      second order  the same with m0 + (h / (2 h_prev)) (m0 - m_prev), from the previous step's prediction.
-    The first step and the last are first order (the last, to t = 1, gives the last data prediction exactly), the
-    others second order. Works on any increasing grid in [0, 1] (ComfyUI's sigmas too): a step from pure noise
-    (t = 0, lambda = -inf) is an Euler step, and the step after it first order. One interval is one first-order step.
-    """
-    steps = len(ts) - 1
-    m_prev, h_prev = None, None
-    for i in range(steps):
-        t0, t1 = ts[i], ts[i + 1]
-        v = fn(x, t0)
-        m = x + (1 - t0) * v  # the data prediction (the original's (x - sigma*noise)/alpha, simplified)
-        h = _half_log_snr(t1) - _half_log_snr(t0)
-        alpha_phi = -t1 * math.expm1(-h)  # -alpha1 * expm1(-h): t1 at h = inf, 0 for an empty step
-        d = m
-        second_order = m_prev is not None and i < steps - 1 and math.isfinite(h_prev) and h_prev > 0
-        if second_order:
-            d = m + (0.5 * h / h_prev) * (m - m_prev)
-        x_next = ((1 - t1) / (1 - t0)) * x + alpha_phi * d
-        _finite_or_raise(x_next, t1)
+    def report(step, steps, t, x, denoised, evals):
+        _finite_or_raise(x, t)
         if callback is not None:
-            callback({"step": i, "steps": steps, "t": t1, "x": x_next, "denoised": m, "evals": i + 1})
-        x, m_prev, h_prev = x_next, m, h
-    return x
+            callback({"step": step, "steps": steps, "t": t, "x": x, "denoised": denoised, "evals": evals})
+
+    return report
 
 
 # Dormand-Prince 5(4) tableau.
