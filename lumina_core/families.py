@@ -46,6 +46,7 @@ class Family:
     dit_class: Callable  # () -> the DiT class (imported on demand)
     matches_text_encoder: Callable[[dict], bool]  # config.json of a folder -> is this family's text encoder
     text_encoder_class: Callable  # () -> the encoder class with from_folder(path, *, dtype, device)
+    text_encoder_gguf_architecture: str  # general.architecture of its text encoder's llama.cpp GGUF files
     extrapolation_kwargs: Callable  # (mode, latent_h, latent_w, t, watershed) -> DiT keywords
 
 
@@ -114,6 +115,7 @@ LUMINA_T2I = Family(
     dit_class=lambda: FlagDiT,
     matches_text_encoder=_is_llama_config,
     text_encoder_class=lambda: _text_encoder_class("llama", "LlamaTextEncoder"),
+    text_encoder_gguf_architecture="llama",
     extrapolation_kwargs=t2i_extrapolation,
 )
 
@@ -131,6 +133,7 @@ LUMINA_NEXT = Family(
     dit_class=lambda: NextDiT,
     matches_text_encoder=_is_gemma_config,
     text_encoder_class=lambda: _text_encoder_class("gemma", "GemmaTextEncoder"),
+    text_encoder_gguf_architecture="gemma",
     extrapolation_kwargs=next_dit_extrapolation_kwargs,
 )
 
@@ -156,6 +159,7 @@ LUMINA_2 = Family(
     dit_class=lambda: UnifiedNextDiT,
     matches_text_encoder=_is_gemma2_config,
     text_encoder_class=lambda: _text_encoder_class("gemma2", "Gemma2TextEncoder"),
+    text_encoder_gguf_architecture="gemma2",
     extrapolation_kwargs=unified_next_dit_extrapolation_kwargs,
 )
 
@@ -269,9 +273,40 @@ def _file_family(path: Path) -> Family:
     )
 
 
+def _gguf_family(path: Path) -> Family:
+    """The family whose text encoder the llama.cpp GGUF at `path` holds, told from its general.architecture."""
+    from .weights.gguf_dit import DIT_ARCHITECTURES  # the gguf package, for these files only
+    from .weights.gguf_file import GGUFFile
+
+    arch = GGUFFile(path, error=TextEncoderFolderError).architecture
+    family = next((f for f in FAMILIES.values() if f.text_encoder_gguf_architecture == arch), None)
+    if family is not None:
+        return family
+    if arch in DIT_ARCHITECTURES:
+        raise TextEncoderFolderError(f"{path} is a GGUF DiT (general.architecture {arch!r}), not a text encoder: "
+                                     f"load it with Lumina Load DiT (models/diffusion_models)")
+    known = ", ".join(f"{f.text_encoder_gguf_architecture!r} ({f.text_encoder_title}, {f.title})"
+                      for f in FAMILIES.values())
+    raise TextEncoderFolderError(f"{path} is a GGUF of architecture {arch!r}, which is no Lumina text encoder; the "
+                                 f"text encoders' architectures are {known}")
+
+
+def gguf_text_encoder_path(path) -> Optional[Path]:
+    """The .gguf a text encoder path stands for: the file itself, or the one .gguf of a folder holding it with the
+    tokenizer files and no other weights (a config.json beside them changes nothing); None for anything else."""
+    path = Path(path)
+    if is_gguf(path):
+        return path if path.is_file() else None
+    return single_file.gguf_in_folder(path) if path.is_dir() else None
+
+
 def text_encoder_family(path) -> Family:
-    """The family whose text encoder `path` holds: a Hugging Face folder (from its config.json), or a single file
-    (ComfyUI's gemma_2_2b_fp16.safetensors or all-in-one lumina_2.safetensors, from its keys)."""
+    """The family whose text encoder `path` holds: a Hugging Face folder (from its config.json), a llama.cpp GGUF
+    (from its architecture; the file or a folder holding it and the tokenizer files), or a single file (ComfyUI's
+    gemma_2_2b_fp16.safetensors or all-in-one lumina_2.safetensors, from its keys)."""
+    gguf = gguf_text_encoder_path(path)
+    if gguf is not None:
+        return _gguf_family(gguf)
     if Path(path).is_file():
         return _file_family(Path(path))
     config = read_folder_config(path)
@@ -296,13 +331,21 @@ def is_text_encoder_folder(path) -> bool:
     return True
 
 
+def text_encoder_loader(encoder_class, path) -> Callable:
+    """The loader of `encoder_class` for `path`: from_gguf for a llama.cpp GGUF (or a folder holding one and the
+    tokenizer files), from_file for ComfyUI's single files, from_folder for Hugging Face folders."""
+    if gguf_text_encoder_path(path) is not None:
+        return encoder_class.from_gguf
+    return encoder_class.from_file if Path(path).is_file() else encoder_class.from_folder
+
+
 def load_text_encoder(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs):
-    """Load the text encoder at `path` (a folder or a single file) with the class of its family (LLaMA-2, Gemma or
-    Gemma-2), chosen by config.json or the file's keys. kwargs (compute_dtype, linear_cls) go to the loader."""
+    """Load the text encoder at `path` (a folder, a single file or a llama.cpp GGUF) with the class of its family
+    (LLaMA-2, Gemma or Gemma-2), chosen by config.json, the file's keys or the GGUF's architecture. A GGUF keeps its
+    quantized weights as blocks and computes in `dtype`. kwargs (compute_dtype, linear_cls) go to the loader."""
     family = text_encoder_family(path)
     logger.info("%s holds the %s text encoder of %s", path, family.text_encoder_title, family.title)
-    encoder_class = family.text_encoder_class()
-    load = encoder_class.from_file if Path(path).is_file() else encoder_class.from_folder
+    load = text_encoder_loader(family.text_encoder_class(), path)
     return load(os.fspath(path), dtype=dtype, device=device, **kwargs)
 
 

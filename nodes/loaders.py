@@ -9,24 +9,27 @@ from .common import DTYPE_CHOICES, TEXT_ENCODER_TYPE
 _FP8_NOTE = "fp8_e4m3fn/fp8_e5m2 keep the linear weights in 8 bits and compute in bf16."
 
 
-def _text_encoder_dtype_input():
+_GGUF_DTYPE_NOTE = " A GGUF file keeps its own types; this picks the dtype it computes in (fp8: bf16 where supported)."
+
+
+def _text_encoder_dtype_input(note: str = ""):
     return (
         list(DTYPE_CHOICES),
         {
             "default": "auto",
             "tooltip": "Weight dtype. auto: bf16 where the GPU supports it, else fp16, fp32 on the CPU (ComfyUI's "
-            "--bf16/--fp16/--fp32/--fp8_*-text-enc flags win). " + _FP8_NOTE,
+            "--bf16/--fp16/--fp32/--fp8_*-text-enc flags win). " + _FP8_NOTE + note,
         },
     )
 
 
-def _dit_dtype_input():
+def _dit_dtype_input(note: str = ""):
     return (
         list(DTYPE_CHOICES),
         {
             "default": "auto",
             "tooltip": "Dtype the weights are kept in. auto: bf16 where the GPU supports it, else fp32 (ComfyUI's "
-            "--*-unet flags win). fp16 may overflow. " + _FP8_NOTE,
+            "--*-unet flags win). fp16 may overflow. " + _FP8_NOTE + note,
         },
     )
 
@@ -101,11 +104,13 @@ class LuminaDiTLoader:
                         "(diffusion_pytorch_model.safetensors) layout; the Lumina-Image-2.0 Unified Next-DiT as "
                         "the original consolidated.00-of-01.pth, ComfyUI's lumina_2_model_bf16.safetensors, a "
                         "diffusers transformer file or sharded folder (its index json). ComfyUI's all-in-one "
-                        "lumina_2.safetensors in models/checkpoints is listed too (its DiT is loaded). The family is "
-                        "read from the file."
+                        "lumina_2.safetensors in models/checkpoints is listed too (its DiT is loaded). GGUF files "
+                        "(city96's ComfyUI-GGUF conventions, e.g. lumina2-q4_0.gguf, or written by `python -m "
+                        "lumina_core convert ... --dtype q8_0`) from models/diffusion_models or models/unet stay "
+                        "quantized in memory. The family is read from the file."
                     },
                 ),
-                "weight_dtype": _dit_dtype_input(),
+                "weight_dtype": _dit_dtype_input(_GGUF_DTYPE_NOTE),
             }
         }
 
@@ -118,7 +123,8 @@ class LuminaDiTLoader:
     CATEGORY = "Lumina/loaders"
     DESCRIPTION = (
         "Loads a Lumina DiT, Flag-DiT (Lumina-T2I), Next-DiT (Lumina-Next) or Unified Next-DiT (Lumina-Image-2.0), "
-        "found out from the file's keys, as a ComfyUI MODEL with low-VRAM offloading and casting."
+        "found out from the file's keys (safetensors, .pth, or GGUF kept quantized), as a ComfyUI MODEL with low-VRAM "
+        "offloading and casting."
     )
 
     def load(self, dit_name, weight_dtype):
@@ -137,11 +143,14 @@ class LuminaTextEncoderLoader:
                         "models/text_encoders: LLaMA-2-7B (Llama-2-7b-hf) for Lumina-T2I, Gemma-2B (gemma-2b) for "
                         "Lumina-Next, Gemma-2-2B (gemma-2-2b) for Lumina-Image-2.0; or, for Lumina-Image-2.0, "
                         "ComfyUI's gemma_2_2b_fp16.safetensors (models/text_encoders or models/clip) or the "
-                        "all-in-one lumina_2.safetensors (models/checkpoints). The encoder is chosen from the "
-                        "folder's config.json or the file's keys."
+                        "all-in-one lumina_2.safetensors (models/checkpoints). llama.cpp GGUF files of any of the "
+                        "three (e.g. llama-2-7b.Q4_K_M.gguf), kept quantized in memory: a lone LLaMA .gguf carries "
+                        "its tokenizer; a Gemma or Gemma-2 .gguf needs the model's tokenizer files beside it (a "
+                        "folder holding one .gguf and those files is listed as the folder). The encoder is chosen "
+                        "from the folder's config.json, the file's keys or the GGUF's architecture."
                     },
                 ),
-                "dtype": _text_encoder_dtype_input(),
+                "dtype": _text_encoder_dtype_input(_GGUF_DTYPE_NOTE),
             }
         }
 
@@ -152,8 +161,9 @@ class LuminaTextEncoderLoader:
     CATEGORY = "Lumina/loaders"
     DESCRIPTION = (
         "Loads the text encoder of a Lumina family: LLaMA-2-7B (Lumina-T2I), Gemma-2B (Lumina-Next) or Gemma-2-2B "
-        "(Lumina-Image-2.0) from a Hugging Face folder, recognised from its config.json, or Gemma-2-2B from ComfyUI's "
-        "single file or all-in-one checkpoint, recognised from its keys."
+        "(Lumina-Image-2.0) from a Hugging Face folder, recognised from its config.json, or from a llama.cpp GGUF "
+        "(kept quantized), recognised from its architecture, or Gemma-2-2B from ComfyUI's single file or all-in-one "
+        "checkpoint, recognised from its keys."
     )
 
     def load(self, text_encoder_folder, dtype):

@@ -13,7 +13,7 @@ from typing import Callable
 from lumina_core import families
 from lumina_core.conditioning import is_conditioning_file
 from lumina_core.weights.layouts import find_layout
-from lumina_core.weights.tensor_io import SafetensorsFile, WeightsFileError, find_index
+from lumina_core.weights.tensor_io import SafetensorsFile, WeightsFileError, find_index, is_gguf
 
 from .comfy_env import IN_COMFYUI, folder_paths
 
@@ -21,8 +21,9 @@ DIFFUSION_MODELS = "diffusion_models"
 CHECKPOINTS = "checkpoints"
 TEXT_ENCODERS = "text_encoders"
 CHECKPOINT_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
-# DiTs may also be GGUF files (ComfyUI-GGUF's conventions); ComfyUI's own lists leave .gguf out, so they are found by
-# walking the diffusion_models folders (models/diffusion_models and models/unet, and any added to them).
+# DiTs and text encoders may also be GGUF files (ComfyUI-GGUF's and llama.cpp's); ComfyUI's own lists leave .gguf
+# out, so they are found by walking the diffusion_models folders (models/diffusion_models and models/unet, and any
+# added to them) and the text_encoders folders (models/text_encoders and models/clip).
 GGUF_EXTENSIONS = (".gguf",)
 _LLAMA_SEARCH_DEPTH = 3
 
@@ -54,7 +55,7 @@ def _walk_names(kind: str, extensions: tuple) -> set[str]:
 
 
 def _model_file_names(kind: str) -> list[str]:
-    gguf = GGUF_EXTENSIONS if kind == DIFFUSION_MODELS else ()
+    gguf = GGUF_EXTENSIONS if kind in (DIFFUSION_MODELS, TEXT_ENCODERS) else ()
     if IN_COMFYUI:
         names = set(folder_paths.get_filename_list(kind))
         if gguf:
@@ -148,16 +149,25 @@ def llama_folder_names() -> list[str]:
 
 def text_encoder_folder_names() -> list[str]:
     """What Lumina Load Text Encoder offers: the folders under the text_encoders model folders holding the
-    config.json of any Lumina family's text encoder, the single files there holding one (ComfyUI's
-    gemma_2_2b_fp16.safetensors; inside ComfyUI this list takes in models/clip), and the all-in-one files in the
-    checkpoints folders holding one (lumina_2.safetensors, listed under the name Lumina Load DiT gives it)."""
+    config.json of any Lumina family's text encoder, or one llama.cpp .gguf with the model's tokenizer files; the
+    single files there holding one (ComfyUI's gemma_2_2b_fp16.safetensors, llama.cpp .gguf files of LLaMA-2, Gemma
+    and Gemma-2 that are not listed as their folder; inside ComfyUI this list takes in models/clip); and the
+    all-in-one files in the checkpoints folders holding one (lumina_2.safetensors, listed under the name Lumina Load
+    DiT gives it)."""
     names = set(_text_encoder_folders(families.is_text_encoder_folder))
     for kind in (TEXT_ENCODERS, CHECKPOINTS):
         for name in _model_file_names(kind):
             path = _find_file(kind, name)
-            if path and name not in names and _holds_text_encoder(path):
+            if path is None or name in names or _listed_as_folder(path):
+                continue
+            if _holds_text_encoder(path):
                 names.add(name)
     return sorted(names)
+
+
+def _listed_as_folder(path: str) -> bool:
+    """Whether a .gguf is the one of a GGUF text encoder folder, which the list names instead."""
+    return is_gguf(path) and families.gguf_text_encoder_path(os.path.dirname(path)) == Path(path)
 
 
 def text_encoder_folder_path(name: str) -> str:

@@ -3,14 +3,13 @@ ModelPatcher so the memory manager moves it to the GPU only while it encodes).""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lumina_core import families
 from lumina_core.dtypes import dtype_from_name, is_fp8
 from lumina_core.text.llama import LlamaTextEncoder
 
+from . import comfy_gguf
 from .comfy_env import IN_COMFYUI, comfy, intermediate_device, plain_dtype
 
 
@@ -57,11 +56,12 @@ def _text_encoder_dtype(choice: str, load_device: torch.device) -> torch.dtype:
 
 
 def load_text_encoder(folder: str, dtype_choice: str, family=None) -> LuminaTextEncoderHandle:
-    """The text encoder in `folder` (or the single file at that path): LLaMA-2 (Lumina-T2I), or the encoder of
-    `family` (a lumina_core Family)."""
+    """The text encoder in `folder` (or the single file at that path, a llama.cpp GGUF included): LLaMA-2
+    (Lumina-T2I), or the encoder of `family` (a lumina_core Family)."""
     encoder_class = LlamaTextEncoder if family is None else family.text_encoder_class()
-    # ComfyUI's single files (Gemma-2) have a loader of their own; folders are Hugging Face folders.
-    load = encoder_class.from_file if os.path.isfile(folder) else encoder_class.from_folder
+    # ComfyUI's single files (Gemma-2) and GGUF files have loaders of their own; folders are Hugging Face folders
+    # (or hold one GGUF and its tokenizer files).
+    load = families.text_encoder_loader(encoder_class, folder)
     if not IN_COMFYUI:
         return LuminaTextEncoderHandle(load(folder, dtype=plain_dtype(dtype_choice)))
     mm = comfy.model_management
@@ -70,10 +70,17 @@ def load_text_encoder(folder: str, dtype_choice: str, family=None) -> LuminaText
     compute_dtype = None
     if is_fp8(dtype):
         compute_dtype = torch.bfloat16 if mm.should_use_bf16(load_device, prioritize_performance=False) else torch.float32
-    # The linear layers (all but a few percent of LLaMA's or Gemma's weights) become comfy.ops layers: they cast fp8
-    # weights per layer, and ComfyUI's low-VRAM mode can keep some of them in system memory and stream them in.
-    linear_cls = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device).Linear
-    encoder = load(folder, dtype=dtype, device=offload_device, compute_dtype=compute_dtype, linear_cls=linear_cls)
+    if families.gguf_text_encoder_path(folder) is not None:
+        # A GGUF keeps its own types: the dtype is the one it computes in (an fp8 choice: that of fp8 storage). Its
+        # linear layers are comfy.ops layers holding the blocks, so ComfyUI moves them as it moves any layer.
+        linear_cls = comfy_gguf.gguf_operations().Linear
+        encoder = load(folder, dtype=compute_dtype or dtype, device=offload_device, linear_cls=linear_cls)
+    else:
+        # The linear layers (all but a few percent of LLaMA's or Gemma's weights) become comfy.ops layers: they cast
+        # fp8 weights per layer, and ComfyUI's low-VRAM mode can keep some of them in system memory and stream them
+        # in.
+        linear_cls = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device).Linear
+        encoder = load(folder, dtype=dtype, device=offload_device, compute_dtype=compute_dtype, linear_cls=linear_cls)
     # ModelPatcher moves the encoder to the GPU for encoding (partly, in low-VRAM mode) and back when the DiT needs
     # the memory.
     patcher = comfy.model_patcher.ModelPatcher(

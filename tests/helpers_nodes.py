@@ -25,6 +25,9 @@ LUMINA2_DIT_NAME = "lumina_2_model_bf16.safetensors"
 GEMMA2_NAME = "gemma_2_2b_fp16.safetensors"
 LUMINA2_ALL_IN_ONE_NAME = "lumina_2.safetensors"
 FLUX_VAE_NAME = "ae.safetensors"
+# GGUF: the Flag-DiT written by `python -m lumina_core convert ... --dtype q8_0`, and llama.cpp's LLaMA-2-7B file.
+GGUF_DIT_NAME = "lumina_t2i_5b_q8_0.gguf"
+GGUF_LLAMA_NAME = "llama-2-7b.Q4_K_M.gguf"
 
 TINY_HIDDEN = 32  # tiny LLaMA hidden size = tiny Flag-DiT cap_feat_dim
 # The tiny Gemma-2's attention as a single file must have it: heads of the released head_dim (256), which is what a
@@ -267,7 +270,7 @@ def load_workflows() -> dict[str, dict]:
 
 
 def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lumina_next: bool = False,
-                     lumina2: bool = False, flux_vae=None) -> dict:
+                     lumina2: bool = False, flux_vae=None, gguf: bool = False) -> dict:
     """models/diffusion_models/<DIT_NAME> (a tiny Flag-DiT in the released key layout) and
     models/text_encoders/<LLAMA_NAME>/ (a tiny LLaMA folder) under `root`; returns their paths.
 
@@ -276,6 +279,9 @@ def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lum
     cap_feat_dim = hidden_size), text_encoders/<GEMMA2_NAME> (a tiny Gemma-2 as ComfyUI's single file, fp16, its
     tokenizer inside) and checkpoints/<LUMINA2_ALL_IN_ONE_NAME> (the same DiT and Gemma-2 in the all-in-one layout,
     with the VAE file `flux_vae` under `vae.`, or two stand-in tensors when none is given).
+    gguf: also Lumina-T2I as GGUF files: <GGUF_DIT_NAME> (the tiny Flag-DiT converted to Q8_0) and
+    text_encoders/<GGUF_LLAMA_NAME> (a tiny LLaMA written as llama.cpp writes it, Q8_0 as the tiny rows are no whole
+    K-quant blocks, its SentencePiece vocabulary in the metadata and no tokenizer files).
     """
     from lumina_core.tiny import make_tiny_llama_folder, write_tiny_flag_dit
 
@@ -293,7 +299,25 @@ def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lum
         paths["gemma"] = Path(make_tiny_gemma_folder(te_dir / GEMMA_NAME, hidden_size, seed))
     if lumina2:
         paths.update(_write_tiny_lumina2(root, hidden_size, seed, flux_vae))
+    if gguf:
+        paths.update(_write_tiny_gguf(root, dit_path, hidden_size, seed))
     return paths
+
+
+def _write_tiny_gguf(root: Path, dit_path: Path, hidden_size: int, seed: int) -> dict:
+    import tempfile
+
+    from lumina_core.weights.dit_files import convert_to_gguf
+    from tests.helpers_gguf_text import llama_cpp_gguf, make_llama_folder
+
+    dit = root / "diffusion_models" / GGUF_DIT_NAME
+    convert_to_gguf(dit_path, dit, qtype="q8_0")
+    llama = root / "text_encoders" / GGUF_LLAMA_NAME
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_llama_folder(Path(tmp) / "hf", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                   seed=seed)
+        llama_cpp_gguf(folder, llama, "Q8_0")
+    return {"gguf_dit": dit, "gguf_llama": llama}
 
 
 def _write_tiny_lumina2(root: Path, hidden_size: int, seed: int, flux_vae) -> dict:

@@ -12,7 +12,13 @@ import torch
 
 from lumina_core import dequantize_gguf
 from lumina_core.weights.gguf_file import GGUFFile, LazyArray
-from lumina_core.weights.quantized import GGUFLinear, quantized_bytes
+from lumina_core.weights.quantized import (
+    GGUFLinear,
+    Workspace,
+    dequantize_rows_into,
+    quantized_bytes,
+    share_workspace,
+)
 from lumina_core.weights.tensor_io import WeightsFileError, open_tensor_file
 from tests.helpers_gguf import ALL_13, K_QUANTS, Q, encode, random_blocks, write_file
 
@@ -253,6 +259,58 @@ def test_weight_and_bias_functions_patch_the_dequantized_weight():
     expected = torch.nn.functional.linear(x, values + delta, layer.bias * 2)
     assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
     assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("chunk", [256, 1000, 7 * 512, None])
+def test_dequantizing_by_chunks_of_rows_gives_the_whole_tensors_values(qtype, chunk):
+    """A layer's weight made a few rows at a time (the CPU's way) holds what dequantizing it whole and casting gives,
+    in fp32 and in bf16, whatever the chunk (one row, several, rows left over, all)."""
+    rng = np.random.default_rng(1)
+    raw = torch.from_numpy(random_blocks(qtype, 23, 512, rng))
+    whole = dequantize_gguf(raw, qtype, (23, 512))
+    for dtype in (torch.float32, torch.bfloat16):
+        out = dequantize_rows_into(torch.empty(23, 512, dtype=dtype), raw, qtype, chunk)
+        assert torch.equal(out, whole.to(dtype))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("chunk", [256, 1000, None])
+def test_q8_0_chunks_in_a_workspace_buffer_give_the_whole_tensors_values(qtype, chunk):
+    """With a workspace (Q8_0: its int8 values scaled in a reused fp32 buffer) the rows are those of dequantizing
+    the tensor whole and casting, bit for bit, and the buffer is reused from one call to the next."""
+    rng = np.random.default_rng(2)
+    raw = torch.from_numpy(random_blocks(qtype, 23, 512, rng))
+    whole = dequantize_gguf(raw, qtype, (23, 512))
+    ws = Workspace()
+    for dtype in (torch.float32, torch.bfloat16):
+        out = dequantize_rows_into(torch.empty(23, 512, dtype=dtype), raw, qtype, chunk, ws)
+        assert torch.equal(out, whole.to(dtype))
+    if qtype == Q.Q8_0 and chunk is not None:
+        first = ws.buffer("fp32", 1, torch.float32, "cpu").data_ptr()
+        dequantize_rows_into(torch.empty(23, 512), raw, qtype, chunk, ws)
+        assert ws.buffer("fp32", 1, torch.float32, "cpu").data_ptr() == first
+
+
+def test_layers_sharing_a_workspace_compute_what_they_compute_alone():
+    """A model's GGUF layers given one workspace (as the GGUF loaders do) give the same outputs, bit for bit, in fp32
+    and bf16, with and without bias; with autograd on, or a weight patch, they make their own weight."""
+    model = torch.nn.Sequential(_quantized_layer(Q.Q8_0, rows=256, cols=256)[0],
+                                _quantized_layer(Q.Q4_K, rows=512, cols=256, bias=False, seed=1)[0],
+                                _quantized_layer(Q.Q8_0, rows=32, cols=512, seed=2)[0])
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        alone = {dtype: model(x.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    ws = share_workspace(model)
+    assert ws is not None and all(layer.workspace is ws for layer in model)
+    with torch.no_grad():
+        for dtype, expected in alone.items():
+            assert torch.equal(model(x.to(dtype)), expected)
+    weight = ws.buffer("weight", 1, torch.bfloat16, "cpu")
+    with torch.enable_grad():  # autograd keeps the weight for backward: no shared buffer
+        assert torch.equal(model(x), alone[torch.float32])
+    assert ws.buffer("weight", 1, torch.bfloat16, "cpu").data_ptr() == weight.data_ptr()
+    assert share_workspace(torch.nn.Linear(4, 4)) is None
 
 
 def test_load_quantized_refuses_blocks_that_do_not_fit():

@@ -299,7 +299,7 @@ def test_dit_loader_lists_and_loads_gguf_files(tmp_path):
     model_files.set_model_folders("text_encoders", [tmp_path / "text_encoders"])
     names = N["LuminaDiTLoader"].INPUT_TYPES()["required"]["dit_name"][0]
     assert path.name in names
-    assert "gemma.gguf" not in model_files.text_encoder_folder_names()  # GGUF text encoders are not listed yet
+    assert "gemma.gguf" in model_files.text_encoder_folder_names()  # a Gemma-2 GGUF (it asks for its tokenizer)
     (model,) = N["LuminaDiTLoader"]().load(path.name, "fp32")
     dit = comfy_model.lumina_dit(model)
     assert isinstance(dit, UnifiedNextDiT) and dit.layers[0].attention.qkv.qtype is not None

@@ -14,6 +14,8 @@ from tests.helpers_nodes import (
     FRONTEND_ONLY,
     GEMMA2_NAME,
     GEMMA_NAME,
+    GGUF_DIT_NAME,
+    GGUF_LLAMA_NAME,
     LLAMA_NAME,
     LUMINA2_ALL_IN_ONE_NAME,
     LUMINA2_DIT_NAME,
@@ -40,9 +42,9 @@ SAVED_CONDITIONING = {
 # The family of each README file name; the family-detecting loaders take any family's file, and the VAE is the
 # family's (the SDXL VAE, or the FLUX AE for Lumina-Image-2.0).
 DIT_FAMILY = {DIT_NAME: "lumina_t2i", NEXT_DIT_NAME: "lumina_next", LUMINA2_DIT_NAME: "lumina2",
-              LUMINA2_ALL_IN_ONE_NAME: "lumina2"}
+              LUMINA2_ALL_IN_ONE_NAME: "lumina2", GGUF_DIT_NAME: "lumina_t2i"}
 TEXT_FAMILY = {LLAMA_NAME: "lumina_t2i", GEMMA_NAME: "lumina_next", GEMMA2_NAME: "lumina2",
-               LUMINA2_ALL_IN_ONE_NAME: "lumina2"}
+               LUMINA2_ALL_IN_ONE_NAME: "lumina2", GGUF_LLAMA_NAME: "lumina_t2i"}
 FAMILY_VAE = {"lumina_t2i": VAE_NAME, "lumina_next": VAE_NAME, "lumina2": FLUX_VAE_NAME}
 MODEL_CHOICES = {("LuminaDiTLoader", "dit_name"): tuple(DIT_FAMILY),
                  ("LuminaTextEncoderLoader", "text_encoder_folder"): tuple(TEXT_FAMILY),
@@ -389,3 +391,23 @@ def test_lumina2_model_in_comfyuis_ksampler():
         return False
 
     assert _scenario(ksampler)
+
+
+def test_two_stage_workflows_from_gguf_files():
+    """Stage 1 encodes with the GGUF LLaMA, samples with the GGUF DiT and saves the encodings; stage 2 samples from
+    those saved encodings with the GGUF DiT and loads no text encoder."""
+    def loaders(wf):
+        return {n["type"]: n["widgets_values"][0] for n in wf["nodes"]
+                if n["type"].startswith("Lumina") and n["type"].endswith("Loader")}
+
+    def saved(wf):
+        return {f"{n['widgets_values'][0]}_00001_.safetensors [output]"
+                for n in _nodes(wf, "LuminaSaveConditioning")}
+
+    encode = [wf for wf in WORKFLOWS.values()
+              if loaders(wf) == {"LuminaTextEncoderLoader": GGUF_LLAMA_NAME, "LuminaDiTLoader": GGUF_DIT_NAME}
+              and len(saved(wf)) == 2 and _nodes(wf, "LuminaSampler")]
+    assert encode
+    samplers = [wf for wf in WORKFLOWS.values() if loaders(wf) == {"LuminaDiTLoader": GGUF_DIT_NAME}
+                and {n["widgets_values"][0] for n in _nodes(wf, "LuminaLoadConditioning")} == saved(encode[0])]
+    assert samplers

@@ -147,6 +147,7 @@ class GemmaTextEncoder(HFTextEncoder):
     title = "Gemma"
     source = GEMMA_2B
     get_hint = _GET_GEMMA
+    gguf_architecture = "gemma"
 
     @classmethod
     def config_class(cls):
@@ -250,18 +251,20 @@ def bos_token_rows(tokenizer, texts: list[str], *, max_tokens: int | None, reade
 
 def penultimate_features(model, ids: torch.Tensor, mask: torch.Tensor, output_device=None):
     """`hidden_states[-2]` of a Gemma decoder run with the attention mask, as float32 on output_device (default CPU),
-    and the mask beside it; the model runs where its parameters are."""
+    and the mask beside it; the model runs where its parameters are. A model loaded without its last layer and
+    final norm (`penultimate_only`, a GGUF: `gguf_text`) gives the same as its last hidden state."""
     device = model.embed_tokens.weight.device
+    penultimate_only = getattr(model, "penultimate_only", False)
     # no_grad rather than inference_mode: the features stay ordinary tensors that callers may use anywhere.
     with torch.no_grad():
         out = model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device=device, dtype=torch.long),  # as the tokenizer returns it
-            output_hidden_states=True,
+            output_hidden_states=not penultimate_only,
             use_cache=False,
         )
         # (embeddings, layer 1, ..., layer n-1, norm(layer n)): [-2] is layer n-1's output, before any norm.
-        hidden = out.hidden_states[-2]
+        hidden = out.last_hidden_state if penultimate_only else out.hidden_states[-2]
     out_device = torch.device("cpu") if output_device is None else torch.device(output_device)
     return hidden.to(device=out_device, dtype=torch.float32), mask.to(out_device)
 

@@ -228,6 +228,7 @@ class Gemma2TextEncoder(HFTextEncoder):
     title = "Gemma-2"
     source = GEMMA_2_2B
     get_hint = _GET_GEMMA2
+    gguf_architecture = "gemma2"
 
     @classmethod
     def from_folder(cls, path, **kwargs):

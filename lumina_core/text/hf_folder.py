@@ -52,6 +52,7 @@ class HFTextEncoder:
     title = ""  # "LLaMA", in the load log
     source = LLAMA2_7B  # the repository the folder should be a copy of, named in the errors
     get_hint = ""  # which folder the model needs, appended to the errors
+    gguf_architecture = ""  # general.architecture of this model's llama.cpp GGUF files
 
     @classmethod
     def from_folder(
@@ -90,6 +91,33 @@ class HFTextEncoder:
         log_loaded(cls.title, encoder, dtype, compute_dtype, device, start)
         return encoder
 
+    @classmethod
+    def from_gguf(
+        cls,
+        path,
+        *,
+        dtype: torch.dtype | None = torch.bfloat16,
+        device="cpu",
+        compute_dtype: torch.dtype | None = None,
+        linear_cls=None,
+    ):
+        """Load a llama.cpp GGUF of this model (the .gguf file, or a folder holding one .gguf and the tokenizer
+        files), its linear weights and embedding kept quantized: see `gguf_text`. dtype: the compute dtype (None:
+        fp32); linear_cls: a linear layer with `load_quantized` (ComfyUI's GGUF layer), default GGUFLinear."""
+        from .gguf_text import load_gguf_text_encoder  # the gguf package, for these files only
+        from .single_file import gguf_in_folder
+
+        if os.path.isdir(path):
+            found = gguf_in_folder(path)
+            if found is None:
+                raise TextEncoderError(
+                    f"{path} is not a GGUF text encoder folder (one .gguf file, the tokenizer files, and no other "
+                    f"weights). {cls.get_hint}"
+                )
+            path = found
+        return load_gguf_text_encoder(cls, path, dtype=dtype, device=device, compute_dtype=compute_dtype,
+                                      linear_cls=linear_cls)
+
     # What each encoder says for itself.
     @classmethod
     def check_config(cls, folder: str) -> None:
@@ -127,7 +155,8 @@ class HFTextEncoder:
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype (that of the hidden states)."""
-        return self.model.embed_tokens.weight.dtype
+        embed = self.model.embed_tokens
+        return getattr(embed, "compute_dtype", embed.weight.dtype)  # a GGUF embedding holds bytes
 
     def to(self, device):
         self.model.to(device)

@@ -64,6 +64,7 @@ class LlamaTextEncoder(HFTextEncoder):
     title = "LLaMA"
     source = LLAMA2_7B
     get_hint = _GET_LLAMA
+    gguf_architecture = "llama"
 
     @classmethod
     def config_class(cls):

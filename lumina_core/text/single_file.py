@@ -11,6 +11,9 @@ comfy/text_encoders/lumina2.py and spiece_tokenizer.py, comfy/supported_models.p
 ComfyUI tells Gemma-2 from its other decoders by `layers.0.post_feedforward_layernorm.weight` without
 `layers.0.self_attn.q_norm.weight` (Gemma-3 has both); so does `find_layout`.
 
+llama.cpp's GGUF text encoders are single files too (`gguf_text` loads them); a folder holding one .gguf with the
+model's tokenizer files stands for that file (`gguf_in_folder`).
+
 Only the safetensors header is read here (no tensor, no transformers import), so the model lists can ask it of
 every file.
 """
@@ -25,6 +28,8 @@ from ..weights.tensor_io import SafetensorsFile
 from .hf_weights import TextEncoderError
 
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".sft")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # either makes a folder's tokenizer
+_HF_WEIGHTS = (".safetensors", ".bin")
 
 _GEMMA2_KEY = "layers.0.post_feedforward_layernorm.weight"  # Gemma-2 and Gemma-3 only
 _GEMMA3_KEY = "layers.0.self_attn.q_norm.weight"  # Gemma-3 (and Qwen-3) only
@@ -135,3 +140,20 @@ def file_sources(st: SafetensorsFile, layout: TextEncoderFileLayout, expected: d
             f"{'; '.join(wrong_shape[:4])}. {fix}"
         )
     return sources
+
+
+def has_tokenizer_files(folder) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def gguf_in_folder(folder) -> Path | None:
+    """The .gguf of a folder that is a GGUF text encoder: exactly one .gguf file, tokenizer files, and no Hugging
+    Face weights; else None. Never raises."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    ggufs = [n for n in names if n.lower().endswith(".gguf") and os.path.isfile(os.path.join(folder, n))]
+    if len(ggufs) != 1 or any(n.lower().endswith(_HF_WEIGHTS) for n in names) or not has_tokenizer_files(folder):
+        return None
+    return Path(folder) / ggufs[0]

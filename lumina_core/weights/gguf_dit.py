@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType
 from .gguf_file import GGUFFile, write_gguf
 from .gguf_quants import block_layout, is_quantized, qtype_of
 from .layouts import CheckpointError
+from .quantized import share_workspace
 
 Q = GGMLQuantizationType
 # general.architecture values of DiT files this pack reads (None: the key is absent).
@@ -82,15 +83,26 @@ def load_gguf_state(model: torch.nn.Module, source, dtype: torch.dtype, device) 
             raise CheckpointError(f"{source.path}: {source.file_key[key]} has shape {source.shape(key)}, expected "
                                   f"{shape}")
     modules = dict(model.named_modules())
-    state, quantized = {}, []
-    for key, shape in expected.items():
+
+    def kept_as_blocks(key: str, shape) -> bool:
         owner, _, name = key.rpartition(".")
-        layer = modules.get(owner)
         file_key = source.file_key.get(key)
         whole = file_key is not None and key not in source.joined and src.stored_shape(file_key) == shape
-        if name == "weight" and whole and hasattr(layer, "load_quantized"):
+        return name == "weight" and whole and hasattr(modules.get(owner), "load_quantized")
+
+    # On the CPU the blocks kept are read into one buffer (GGUFFile.raw_together).
+    together = [source.file_key[k] for k, s in expected.items() if kept_as_blocks(k, s)
+                and src.is_quantized(source.file_key[k])]
+    blocks = src.raw_together(together) if torch.device(device).type == "cpu" else {}
+    state, quantized = {}, []
+    for key, shape in expected.items():
+        owner = key.rpartition(".")[0]
+        layer = modules.get(owner)
+        file_key = source.file_key.get(key)
+        if kept_as_blocks(key, shape):
             if src.is_quantized(file_key):
-                layer.load_quantized(src.raw(file_key).to(device), src.qtype(file_key), shape)
+                raw = blocks[file_key] if file_key in blocks else src.raw(file_key).to(device)
+                layer.load_quantized(raw, src.qtype(file_key), shape)
                 quantized.append(key)
                 continue
             if src.dtype(file_key) in (torch.float16, torch.bfloat16):
@@ -101,6 +113,7 @@ def load_gguf_state(model: torch.nn.Module, source, dtype: torch.dtype, device) 
     if set(missing) != set(quantized) or unexpected:
         raise CheckpointError(f"{source.path}: the model did not take the tensors read (missing "
                               f"{sorted(set(missing) - set(quantized))[:5]}, unexpected {unexpected[:5]})")
+    share_workspace(model)
     return len(quantized)
 
 

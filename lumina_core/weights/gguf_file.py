@@ -322,11 +322,13 @@ class GGUFFile:
             except ValueError as err:
                 raise self.error(f"{self.path}: {err}") from None
 
-    def raw(self, key: str) -> torch.Tensor:
+    def raw(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The tensor's bytes, fresh (not a view of the file), as uint8 of `raw_shape`: the stored rows, the last
-        dimension in bytes (whole blocks)."""
+        dimension in bytes (whole blocks). out: a contiguous uint8 CPU tensor of the tensor's size to read into."""
         qtype, stored, start, nbytes = self._tensors[key]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(-1)
+        if buf.numel() != nbytes or buf.dtype != torch.uint8:
+            raise ValueError(f"raw: {key!r} has {nbytes} bytes, `out` holds {buf.numel()} of {buf.dtype}")
         with open(self.path, "rb", buffering=0) as f:
             f.seek(start)
             view = memoryview(buf.numpy())
@@ -337,6 +339,22 @@ class GGUFFile:
                     raise self.error(f"{self.path} ended while reading {key!r}: the file is truncated")
                 got += n
         return buf.view(raw_shape(qtype, stored))
+
+    def raw_together(self, keys) -> dict[str, torch.Tensor]:
+        """The raw bytes of several tensors (as `raw`), read into one buffer, each a view of it.
+
+        A model's blocks are then one allocation, which the system takes back at once when the model is freed.
+        Read one by one, hundreds of blocks of 10-30 MB land in the C heap between smaller allocations; freed, they
+        stayed resident as holes that later allocations did not fit (measured: a Q8_0 Flag-DiT loaded after a
+        freed Q4_K_M LLaMA peaked 0.9 GB higher than in a fresh process)."""
+        keys = sorted(keys, key=self.offset)
+        aligned = [-(-self.nbytes(k) // 64) * 64 for k in keys]  # each view starts 64-byte aligned
+        arena = torch.empty(sum(aligned), dtype=torch.uint8)
+        views, at = {}, 0
+        for key, size in zip(keys, aligned):
+            views[key] = self.raw(key, out=arena[at:at + self.nbytes(key)])
+            at += size
+        return views
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor in its shape: F32/F16/BF16 as stored, quantized types dequantized to float32."""

@@ -202,7 +202,8 @@ def start_server(base: Path) -> Server:
         if result.returncode:
             pytest.fail(f"{COMFYUI_PYTHON} could not write {target.name}:\n{result.stderr[-3000:]}", pytrace=False)
     # The all-in-one lumina_2.safetensors carries the FLUX AE, as the published file does.
-    paths = make_tiny_models(models, lumina_next=True, lumina2=True, flux_vae=models / "vae" / FLUX_VAE_NAME)
+    paths = make_tiny_models(models, lumina_next=True, lumina2=True, flux_vae=models / "vae" / FLUX_VAE_NAME,
+                             gguf=True)
     write_tiny_lumina2_lora(models / "loras" / LORA_NAME, paths["lumina2"])
     os.symlink(REPO, base / "custom_nodes" / PACK_DIR_NAME)
     server = Server(base)
