@@ -42,6 +42,7 @@ _EXPORTS = {
     "Lumina2Pipeline": "pipeline_lumina2",
     "LuminaPipelineOutput": "family_pipeline",
     "apply_lora": "lora",
+    "release_memory": "memory",
 }
 # exported under another name than the module's own
 _RENAMED = {"save_conditioning": "save", "load_conditioning": "load"}

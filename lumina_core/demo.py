@@ -13,7 +13,6 @@ FLUX AE for Lumina-Image-2.0) and a preview PNG made with the latent format's la
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from .dtypes import DTYPE_NAMES, dtype_from_name
 from .families import FAMILIES, checkpoint_family, get_family, load_text_encoder, text_encoder_family
 from .generation import sample
 from .image.latent import latent_format, latent_to_rgb, to_vae_space
+from .memory import release_memory
 from .models.flag_dit import EXTRAPOLATIONS
 from .sampling.guidance import GUIDANCE_MODES
 from .sampling.schedule import make_noise
@@ -242,9 +242,7 @@ def run_demo(args) -> int:
                                       prompt=text)
             # The encoder is not needed any more: free its memory before the DiT arrives.
             del encoder
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(device)
             encoder_name = str(encoder_path)
         else:
             start = time.perf_counter()

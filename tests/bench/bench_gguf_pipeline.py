@@ -66,10 +66,10 @@ SMALL_LLAMA = dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16
 PROMPT = "a fluffy mouse holding a watermelon, in a magical and colorful setting"
 
 CHILD = r"""
-import gc, json, resource, sys, time, torch
+import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 cfg = json.loads(sys.argv[2])
-from lumina_core import load_dit, load_text_encoder, make_noise, sample
+from lumina_core import load_dit, load_text_encoder, make_noise, release_memory, sample
 from lumina_core.dtypes import dtype_from_name
 
 def status(field):  # VmHWM: this process's own peak (a new one from exec), VmRSS: now; GB
@@ -95,7 +95,7 @@ else:
     uncond = encoder.encode([""])
     stage("encode", start)
     del encoder
-    gc.collect()
+    release_memory()  # as `python -m lumina_core demo` frees it
     out["resident_after_freeing_the_encoder"] = status("VmRSS")
     if cfg.get("save"):
         from lumina_core import conditioning

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.helpers_nodes import (  # noqa: E402
     DIT_NAME,
+    GGUF_DIT_NAME,
     LLAMA_NAME,
     LUMINA2_ALL_IN_ONE_NAME,
     LUMINA2_DIT_NAME,
@@ -83,7 +84,7 @@ def test_nodes_registered_without_import_errors(server):
     # The models tree holds tiny Lumina-Next and Lumina-Image-2.0 DiTs too (for their workflows), the latter also as
     # the all-in-one file in models/checkpoints.
     assert server.object_info["LuminaFlagDiTLoader"]["input"]["required"]["dit_name"][0] == sorted(
-        [DIT_NAME, NEXT_DIT_NAME, LUMINA2_DIT_NAME, LUMINA2_ALL_IN_ONE_NAME])
+        [DIT_NAME, NEXT_DIT_NAME, LUMINA2_DIT_NAME, LUMINA2_ALL_IN_ONE_NAME, GGUF_DIT_NAME])
     assert server.object_info["LuminaLlamaLoader"]["input"]["required"]["llama_folder"][0] == [LLAMA_NAME]
 
 

@@ -33,6 +33,7 @@ from tests.helpers_nodes import (  # noqa: E402
     FLUX_VAE_NAME,
     GEMMA2_NAME,
     GEMMA_NAME,
+    GGUF_LLAMA_NAME,
     LLAMA_NAME,
     LUMINA2_ALL_IN_ONE_NAME,
     LUMINA2_DIT_NAME,
@@ -102,7 +103,7 @@ def test_loaders_list_the_lumina2_files(server):
     assert LUMINA2_DIT_NAME in info["LuminaDiTLoader"]["input"]["required"]["dit_name"][0]
     assert LUMINA2_ALL_IN_ONE_NAME in info["LuminaDiTLoader"]["input"]["required"]["dit_name"][0]
     folders = info["LuminaTextEncoderLoader"]["input"]["required"]["text_encoder_folder"][0]
-    assert folders == sorted([LLAMA_NAME, GEMMA_NAME, GEMMA2_NAME, LUMINA2_ALL_IN_ONE_NAME])
+    assert folders == sorted([LLAMA_NAME, GEMMA_NAME, GEMMA2_NAME, LUMINA2_ALL_IN_ONE_NAME, GGUF_LLAMA_NAME])
     # ComfyUI's own loaders see the same files where ComfyUI keeps them.
     assert FLUX_VAE_NAME in info["VAELoader"]["input"]["required"]["vae_name"][0]
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [LUMINA2_ALL_IN_ONE_NAME]

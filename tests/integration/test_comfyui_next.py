@@ -22,6 +22,8 @@ from tests.helpers_nodes import (  # noqa: E402
     DIT_NAME,
     GEMMA2_NAME,
     GEMMA_NAME,
+    GGUF_DIT_NAME,
+    GGUF_LLAMA_NAME,
     LLAMA_NAME,
     LUMINA2_ALL_IN_ONE_NAME,
     LUMINA2_DIT_NAME,
@@ -61,9 +63,10 @@ def test_family_loaders_registered_and_list_both_families(server):
         assert info["display_name"] == display and info["category"] == "Lumina/loaders"
     required = server.object_info["LuminaTextEncoderLoader"]["input"]["required"]
     # (and Lumina-Image-2.0's files, checked in test_comfyui_lumina2.py)
-    assert required["text_encoder_folder"][0] == sorted([GEMMA_NAME, LLAMA_NAME, GEMMA2_NAME, LUMINA2_ALL_IN_ONE_NAME])
+    assert required["text_encoder_folder"][0] == sorted(
+        [GEMMA_NAME, LLAMA_NAME, GEMMA2_NAME, LUMINA2_ALL_IN_ONE_NAME, GGUF_LLAMA_NAME])
     assert server.object_info["LuminaDiTLoader"]["input"]["required"]["dit_name"][0] == sorted(
-        [DIT_NAME, NEXT_DIT_NAME, LUMINA2_DIT_NAME, LUMINA2_ALL_IN_ONE_NAME])
+        [DIT_NAME, NEXT_DIT_NAME, LUMINA2_DIT_NAME, LUMINA2_ALL_IN_ONE_NAME, GGUF_DIT_NAME])
     # The older loaders stay, so saved Lumina-T2I workflows keep loading.
     assert "LuminaFlagDiTLoader" in server.object_info and "LuminaLlamaLoader" in server.object_info
 
