@@ -28,6 +28,9 @@ MAX_STEPS = 10000
 # cfg_trunc / renorm_cfg value meaning "the model family's default" (any negative value does).
 FAMILY_DEFAULT = -1.0
 # What a MODEL without a Lumina family gets for FAMILY_DEFAULT: always guide, no clamp.
+# The class name of ComfyUI's model config for Lumina-Image-2.0 (comfy.supported_models.Lumina2); its subclasses
+# (Z-Image) are other models and keep the neutral settings.
+COMFY_LUMINA2_CONFIG = "Lumina2"
 _NEUTRAL = {f.name: f.default for f in dataclasses.fields(SamplingDefaults) if f.name in ("cfg_trunc", "renorm_cfg")}
 SOLVER_TOOLTIP = (
     "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second order at 1 per step), dopri5 "
@@ -129,12 +132,16 @@ def grid_inputs() -> dict:
 
 def family_setting(model, name: str, value: float) -> float:
     """A node's cfg_trunc or renorm_cfg: the value itself, or for a negative value (FAMILY_DEFAULT) the MODEL
-    family's default from the registry; neutral (1.0, 0.0) for a MODEL that is not a Lumina one."""
+    family's default from the registry (the pack's DiTs, and ComfyUI's own Lumina 2 MODEL: Lumina-Image-2.0's);
+    neutral (1.0, 0.0) for a MODEL that is not a Lumina one."""
     if value >= 0:
         return float(value)
-    dit = getattr(getattr(model, "model", None), "diffusion_model", None)
+    base = getattr(model, "model", None)
+    dit = getattr(base, "diffusion_model", None)
     dit = getattr(dit, "_orig_mod", dit)  # a torch.compile'd module wraps the DiT
     family = getattr(dit, "family", None)
+    if family is None and type(getattr(base, "model_config", None)).__name__ == COMFY_LUMINA2_CONFIG:
+        family = families.LUMINA_2.name  # ComfyUI's own Lumina-Image-2.0 MODEL (not its subclasses: Z-Image)
     if family in families.FAMILIES:
         return float(getattr(families.get_family(family).defaults, name))
     return float(_NEUTRAL[name])
@@ -215,10 +222,10 @@ class LuminaSampler:
                         "Lumina-Image-2.0. all: guide every channel (what ComfyUI's CFG does).",
                     },
                 ),
-                "cfg_trunc": _cfg_trunc_input(),
-                "renorm_cfg": _renorm_cfg_input(),
             },
-            "optional": grid_inputs(),
+            # Optional (after the required widgets, so saved workflows keep their widget order): API prompts written
+            # before these inputs existed still run, with the family's defaults.
+            "optional": {"cfg_trunc": _cfg_trunc_input(), "renorm_cfg": _renorm_cfg_input(), **grid_inputs()},
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -418,9 +425,8 @@ class LuminaCFGGuider:
                         "time_aware or off, as in the Lumina Sampler.",
                     },
                 ),
-                "cfg_trunc": _cfg_trunc_input(),
-                "renorm_cfg": _renorm_cfg_input(),
-            }
+            },
+            "optional": {"cfg_trunc": _cfg_trunc_input(), "renorm_cfg": _renorm_cfg_input()},
         }
 
     RETURN_TYPES = ("GUIDER",)

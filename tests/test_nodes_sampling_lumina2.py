@@ -36,11 +36,14 @@ LUMINA2_SETTINGS = {"cfg_trunc": 0.25, "renorm_cfg": 1.0}  # the Lumina-Image-2.
 
 
 @pytest.mark.parametrize("node_id", ["LuminaSampler", "LuminaCFGGuider"])
-def test_truncation_and_renorm_are_the_last_inputs_with_the_family_default(node_id):
-    required = N[node_id].INPUT_TYPES()["required"]
-    assert list(required)[-2:] == ["cfg_trunc", "renorm_cfg"]  # appended: saved workflows keep their values
+def test_truncation_and_renorm_follow_the_required_inputs_with_the_family_default(node_id):
+    inputs = N[node_id].INPUT_TYPES()
+    # The first optional inputs, after every required widget: saved workflows keep their widget values, and API
+    # prompts written before them still validate.
+    assert list(inputs["optional"])[:2] == ["cfg_trunc", "renorm_cfg"]
+    assert not {"cfg_trunc", "renorm_cfg"} & set(inputs["required"])
     for name in ("cfg_trunc", "renorm_cfg"):
-        kind, opts = required[name]
+        kind, opts = inputs["optional"][name]
         assert kind == "FLOAT" and opts["default"] == FAMILY_DEFAULT == opts["min"] == -1.0
         assert "family" in opts["tooltip"] and "Lumina-Image-2.0" in opts["tooltip"]
 
@@ -80,6 +83,28 @@ def test_family_setting_reads_the_registry(lumina2_like):
     assert family_setting(compiled, "cfg_trunc", -1.0) == 0.25  # a torch.compile'd DiT keeps its family
     for other in (_model_of_family("sd3"), types.SimpleNamespace(model=types.SimpleNamespace())):
         assert family_setting(other, "cfg_trunc", -1.0) == 1.0 and family_setting(other, "renorm_cfg", -1.0) == 0.0
+
+
+def test_family_setting_of_comfyuis_own_lumina2_model():
+    """ComfyUI's Lumina 2 MODEL (model config class Lumina2) gets Lumina-Image-2.0's defaults; a subclass of it
+    (ComfyUI's Z-Image) and other models the neutral ones."""
+    class Lumina2:  # the name of comfy.supported_models.Lumina2
+        pass
+
+    class ZImage(Lumina2):
+        pass
+
+    def comfy_model(config):
+        return types.SimpleNamespace(model=types.SimpleNamespace(model_config=config(),
+                                                                 diffusion_model=types.SimpleNamespace()))
+
+    expected = families.LUMINA_2.defaults
+    model = comfy_model(Lumina2)
+    assert family_setting(model, "cfg_trunc", -1.0) == expected.cfg_trunc == 0.25
+    assert family_setting(model, "renorm_cfg", -1.0) == expected.renorm_cfg == 1.0
+    assert family_setting(model, "cfg_trunc", 0.5) == 0.5
+    z_image = comfy_model(ZImage)
+    assert family_setting(z_image, "cfg_trunc", -1.0) == 1.0 and family_setting(z_image, "renorm_cfg", -1.0) == 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------

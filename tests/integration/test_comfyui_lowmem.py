@@ -228,3 +228,34 @@ def test_comfyui_fp8_flags_pick_fp8_and_comfy_casting_layers(server):
         cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0 and "FLAGS OK" in result.stdout, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def test_api_prompts_without_the_newer_sampler_inputs_still_run(server):
+    """cfg_trunc, renorm_cfg and the solver grid are optional inputs: an API prompt written before they existed runs
+    and gives the latents of their defaults (the family's settings, the Lumina grid)."""
+    prompt = _base()
+    prompt["given"] = _sampler(["dit", 0], ["pos", 0], ["neg", 0], ["lat", 0])
+    prompt["given"]["inputs"].update(grid="lumina", grid_shift=4.0, grid_rho=1.5)
+    prompt["old"] = _sampler(["dit", 0], ["pos", 0], ["neg", 0], ["lat", 0])
+    for name in ("cfg_trunc", "renorm_cfg"):
+        del prompt["old"]["inputs"][name]
+    prompt["guider"] = {"class_type": "LuminaCFGGuider", "inputs": {
+        "model": ["dit", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": 4.0, "guidance": "faithful",
+        "extrapolation": "t2i"}}
+    prompt["noise"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}}
+    prompt["ode"] = {"class_type": "LuminaODESampler", "inputs": {"solver": "euler", "rtol": 1e-3, "atol": 1e-6}}
+    prompt["sigmas"] = {"class_type": "LuminaSigmas", "inputs": {"steps": 3, "shift": 4.0, "denoise": 1.0,
+                                                                 "solver": "euler"}}
+    prompt["custom"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["ode", 0], "sigmas": ["sigmas", 0],
+        "latent_image": ["lat", 0]}}
+    for key in ("given", "old"):
+        _save_latent(prompt, key, [key, 0])
+    _save_latent(prompt, "custom", ["custom", 0])
+    entry = server.run(prompt)
+    latents = _latents(server, entry)
+    assert set(latents) == {"given", "old", "custom"}, sorted(latents)  # every output ran (none failed validation)
+    assert torch.equal(latents["old"], latents["given"])
+    # The guider without them is the Lumina Sampler's own path (the same noise for the seed, the same grid).
+    given, custom = latents["given"], latents["custom"]
+    assert float((custom - given).abs().max()) <= 1e-5 * float(given.abs().max())

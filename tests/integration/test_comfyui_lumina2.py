@@ -269,6 +269,11 @@ def test_comfyuis_own_lumina2_model_gives_the_packs_latents(server, wide_models)
     assert differences["comfy_ckpt"] < INTERPLAY_TOLERANCE, differences
     assert torch.equal(latents["comfy_unet"], latents["comfy_ckpt"])
     assert torch.equal(latents["pack_aio"], pack)
+    # cfg_trunc and renorm_cfg -1 (the family's defaults) are those same settings for every one of these MODELs,
+    # ComfyUI's own included.
+    defaults = _latents(server, server.run(_wide_prompt(cfg_trunc=-1.0, renorm_cfg=-1.0), timeout=900))
+    for key, latent in latents.items():
+        assert torch.equal(defaults[key], latent), key
     # The Lumina Sampler takes only the pack's MODEL and says what to do with ComfyUI's own (a Lumina2 model).
     refused = {
         "comfy_unet": {"class_type": "UNETLoader", "inputs": {"unet_name": WIDE_NAME, "weight_dtype": "default"}},
