@@ -30,7 +30,7 @@ the evaluations per solver, by default docs/few_step_solvers.png (the README sho
     python tests/bench/bench_solvers.py [--quick] [--plot PATH | --no-plot] [--skip-dit]
 
 --quick: fewer flows (no 1024x1024 latents), grids and steps, about a minute; the README's figures come from the
-full run (about 15-30 minutes on 2 cores).
+full run (about 1.5 hours on 2 busy cores).
 """
 
 from __future__ import annotations
