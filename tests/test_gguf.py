@@ -292,6 +292,34 @@ def test_q8_0_chunks_in_a_workspace_buffer_give_the_whole_tensors_values(qtype, 
         assert ws.buffer("fp32", 1, torch.float32, "cpu").data_ptr() == first
 
 
+@pytest.mark.parametrize("chunk", [1000, 7 * 512])
+def test_blockwise_layers_compute_what_the_whole_weight_computes(monkeypatch, chunk):
+    """With a workspace on the CPU a layer multiplies a block of output features at a time (a few rows of the
+    weight dequantized at once, never the whole dense weight): the outputs are those of the whole weight, in fp32
+    and bf16, bias or not, whatever the block (rows left over included)."""
+    from lumina_core.weights import quantized
+
+    layers = [_quantized_layer(Q.Q8_0, rows=37, cols=512)[0], _quantized_layer(Q.Q6_K, rows=29, cols=256, seed=1)[0],
+              _quantized_layer(Q.Q4_0, rows=20, cols=96, bias=False, seed=2)[0]]
+    for layer in layers:
+        x = torch.randn(2, 5, layer.in_features)
+        with torch.no_grad():
+            whole = {dtype: layer(x.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+        ws = share_workspace(torch.nn.Sequential(layer))
+        monkeypatch.setattr(quantized, "DEQUANTIZE_CHUNK", chunk)
+        with torch.no_grad():
+            for dtype, expected in whole.items():
+                got = layer(x.to(dtype))
+                assert got.shape == expected.shape and got.dtype == dtype
+                # Equal up to the summation order of the matrix products: 1e-6 of the largest output in fp32,
+                # one rounding (2^-8) of it in bf16.
+                bound = (1e-6 if dtype == torch.float32 else 2.0 ** -8) * float(expected.abs().max())
+                assert float((got.float() - expected.float()).abs().max()) <= bound
+        # Only a block of the weight was ever dense at once.
+        assert ws._buffers["weight"].numel() == min(chunk // layer.in_features, layer.out_features) * layer.in_features
+        monkeypatch.undo()
+
+
 def test_layers_sharing_a_workspace_compute_what_they_compute_alone():
     """A model's GGUF layers given one workspace (as the GGUF loaders do) give the same outputs, bit for bit, in fp32
     and bf16, with and without bias; with autograd on, or a weight patch, they make their own weight."""

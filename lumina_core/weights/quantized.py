@@ -12,7 +12,10 @@ blocks, freed layer after layer between smaller allocations, fragment the C heap
 the 5B Flag-DiT at 512x512 with cfg on 2 cores: +0.9 to +1.1 GB resident over the loaded model with whole
 matrices, +0.4 to +0.7 GB in chunks of 4M weights, which also ran 10-20% faster). GPUs take whole matrices: their
 caching allocator reuses the blocks, and each chunk would be more kernel launches. The values are the same either
-way: each is rounded to the compute dtype once, from the same fp32 value.
+way: each is rounded to the compute dtype once, from the same fp32 value. A `GGUFLinear` of a model loaded from a
+GGUF file goes further on the CPU (`share_workspace`): it never makes its whole dense weight, but multiplies a block
+of output features at a time, dequantized into a buffer the model's layers share (the outputs equal the whole
+weight's up to the summation order of the matrix products).
 
 `QuantizedWeight` is the part any linear class can mix in (the core's `GGUFLinear`; the nodes mix it into ComfyUI's
 `comfy.ops` Linear so that low-VRAM partial loading and offload apply). Its hook for weight patches (LoRA): the
@@ -73,12 +76,12 @@ def _q8_0_rows_into(out: torch.Tensor, raw: torch.Tensor, buf: torch.Tensor) -> 
 
 
 class Workspace:
-    """Buffers the GGUF layers of one model share on the CPU (`share_workspace`): the dense weight of the layer
-    running and the fp32 values of its chunk. Made anew for every layer, these 10-100 MB blocks land between the
-    small tensors that outlive a layer (a generation's cached text keys and values, activations) and the C heap
-    keeps the holes: measured on the 5B Flag-DiT as Q8_0 at 512x512 with cfg, resident memory grew by the size of
-    one layer's text-key weight (25 MB) in most of its 32 layers during a step. Reused, they are allocated once, at
-    the size of the model's largest weight, and freed with the model. One forward at a time per model."""
+    """Buffers the GGUF layers of one model share on the CPU (`share_workspace`): the block of dense weight the
+    layer running multiplies, and the fp32 values it is made from. Made anew for every layer, whole dense weights
+    (10-100 MB) landed between the small tensors that outlive a layer (a generation's cached text keys and values,
+    activations) and the C heap kept the holes: measured on the 5B Flag-DiT as Q8_0 at 512x512 with cfg, resident
+    memory grew by the size of one layer's text-key weight (25 MB) in most of its 32 layers during a step. Reused,
+    the buffers are allocated once (a few MB each) and freed with the model. One forward at a time per model."""
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
@@ -166,12 +169,26 @@ class GGUFLinear(QuantizedWeight, nn.Linear):
         ws = self.workspace
         if (ws is not None and self.qtype is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and not getattr(self, "weight_function", ())):
-            # The dense weight in the model's reused buffer (only F.linear reads it, before the next layer runs).
-            weight = ws.buffer("weight", self.weight_shape.numel(), x.dtype, x.device).view(self.weight_shape)
-            dequantize_rows_into(weight, self.weight, self.qtype, DEQUANTIZE_CHUNK, ws)
-            return nn.functional.linear(x, weight, self.cast_bias(x))
+            return self._blockwise(x, ws)
         weight, bias = self.cast_weight_bias(x)
         return nn.functional.linear(x, weight, bias)
+
+    def _blockwise(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """The layer on the CPU without a whole dense weight: about DEQUANTIZE_CHUNK weights (a block of output
+        features) at a time are dequantized into the workspace and multiplied, each block's outputs written into
+        the result."""
+        rows, columns = self.weight_shape
+        step = max(1, DEQUANTIZE_CHUNK // columns)
+        bias = self.cast_bias(x)
+        flat = x.reshape(-1, columns)
+        out = flat.new_empty(flat.shape[0], rows)
+        buf = ws.buffer("weight", min(step, rows) * columns, x.dtype, x.device)
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            weight = dequantize_rows_into(buf[:n * columns].view(n, columns), self.weight[start:start + n],
+                                          self.qtype, DEQUANTIZE_CHUNK, ws)
+            out[:, start:start + n] = nn.functional.linear(flat, weight, None if bias is None else bias[start:start + n])
+        return out.view(*x.shape[:-1], rows)
 
 
 class GGUFEmbedding(nn.Module):
