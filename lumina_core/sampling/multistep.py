@@ -1,5 +1,5 @@
 """Multistep solvers with one model evaluation per step, for few-step sampling (SPEC.md §12): DPM-Solver++ (2M, 3M)
-and UniPC (bh2) in the flow's data prediction, and variable-step Adams-Bashforth 3 on the velocity.
+and UniPC (bh2) in the flow's data prediction, and variable-step Adams-Bashforth (2 and 3) on the velocity.
 
 Same conventions as `solvers.py`: fn(x, t) -> v, t = 0 noise .. 1 data, any increasing grid. The flow path is
 x_t = alpha_t * data + sigma_t * noise with alpha_t = t, sigma_t = 1 - t; the data prediction of an evaluation is
@@ -24,8 +24,9 @@ the point at t = 0 never is), and by the rules of diffusers, which SPEC.md §12 
 below 15 steps DPM-Solver++ takes the step before it at order 2 at most; UniPC caps step i at steps - i. (By index,
 as diffusers: on a grid that stops short of t = 1 the last step is first order too.)
 
-AB3 is the three-step Adams-Bashforth method for uneven steps on v in t (exact for a velocity quadratic in t), after
-one Euler and one AB2 step; it has no singularity at t = 1, so its last step keeps the full order.
+AB2 and AB3 are the two- and three-step Adams-Bashforth methods for uneven steps on v in t (AB3 exact for a velocity
+quadratic in t), after one Euler step (and one AB2 step); they have no singularity at t = 1, so their last step keeps
+the full order.
 
 Each loop calls report(step, steps, t, x, denoised, evals) after every step (finiteness check and callback).
 """
@@ -171,16 +172,17 @@ def unipc(fn: Callable, x: torch.Tensor, ts: list, order: int, report: Callable)
     return x
 
 
-def ab3(fn: Callable, x: torch.Tensor, ts: list, report: Callable) -> torch.Tensor:
-    """Variable-step Adams-Bashforth 3 on v over the grid ts: x1 = x0 + integral over [t0, t1] of the quadratic
-    through the last three velocities (Euler, then AB2 while fewer are usable)."""
+def adams_bashforth(fn: Callable, x: torch.Tensor, ts: list, order: int, report: Callable) -> torch.Tensor:
+    """Variable-step Adams-Bashforth of order 2 or 3 on v over the grid ts: x1 = x0 + the integral over [t0, t1] of
+    the polynomial through the last `order` velocities (Euler, then AB2, while fewer are usable: an earlier point is
+    used only across steps of positive length)."""
     steps = len(ts) - 1
-    vs = []  # the last three velocities, newest last
+    vs = []  # the last `order` velocities, newest last
     for i in range(steps):
         t0, t1 = ts[i], ts[i + 1]
         h = t1 - t0
         v = fn(x, t0)
-        vs = (vs + [v])[-3:]
+        vs = (vs + [v])[-order:]
         k = 1
         while k < len(vs) and ts[i - k + 1] > ts[i - k]:
             k += 1

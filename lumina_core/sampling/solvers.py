@@ -1,12 +1,11 @@
 """ODE solvers over a velocity field fn(x, t) -> v, t a python float, integrating dx/dt = v along a grid of
 increasing t.
 
-The fixed-grid solvers of the originals (euler, midpoint, rk4 with the 3/8 rule, torchdiffeq's "rk4"), a two-step
-Adams-Bashforth for uneven steps, adaptive Dormand-Prince 5(4) as torchdiffeq's dopri5, and the multistep solvers of
-`multistep.py` at one evaluation per step: DPM-Solver++ 2M and 3M and UniPC (bh2) of order 2 and 3 in the flow's data
-prediction, Adams-Bashforth 3, and Lumina-Image-2.0's "dpm", the flow DPM-Solver++ of its `transport/dpm_solver.py`
-(SANA's; multistep, order 2, lower-order final step): DPM-Solver++ 2M, which it runs on its own grid
-(`schedule.dpm_time_grid`).
+The fixed-grid solvers of the originals (euler, midpoint, rk4 with the 3/8 rule, torchdiffeq's "rk4"), adaptive
+Dormand-Prince 5(4) as torchdiffeq's dopri5, and the multistep solvers of `multistep.py` at one evaluation per step:
+Adams-Bashforth 2 and 3 for uneven steps, DPM-Solver++ 2M and 3M and UniPC (bh2) of order 2 and 3 in the flow's data
+prediction, and Lumina-Image-2.0's "dpm", the flow DPM-Solver++ of its `transport/dpm_solver.py` (SANA's; multistep,
+order 2, lower-order final step): DPM-Solver++ 2M, which it runs on its own grid (`schedule.dpm_time_grid`).
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ SOLVERS = ("euler", "midpoint", "rk4", "ab2", "dopri5", "dpm", "ab3", "dpmpp_2m"
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "ab2": 1, "dpm": 1, "ab3": 1, "dpmpp_2m": 1, "dpmpp_3m": 1,
                   "unipc_2": 1, "unipc_3": 1}
 
-# The multistep solvers in the data prediction: (method of `multistep`, order). "dpm" is DPM-Solver++ 2M.
-DATA_MULTISTEP = {"dpm": (multistep.dpmpp, 2), "dpmpp_2m": (multistep.dpmpp, 2), "dpmpp_3m": (multistep.dpmpp, 3),
-                  "unipc_2": (multistep.unipc, 2), "unipc_3": (multistep.unipc, 3)}
+# The multistep solvers: (method of `multistep`, order). "dpm" is DPM-Solver++ 2M.
+MULTISTEP = {"ab2": (multistep.adams_bashforth, 2), "ab3": (multistep.adams_bashforth, 3),
+             "dpm": (multistep.dpmpp, 2), "dpmpp_2m": (multistep.dpmpp, 2), "dpmpp_3m": (multistep.dpmpp, 3),
+             "unipc_2": (multistep.unipc, 2), "unipc_3": (multistep.unipc, 3)}
 
 
 class SamplingError(RuntimeError):
@@ -62,16 +62,13 @@ def solve(
         return x
     if solver == "dopri5":
         return _dopri5(fn, x, ts, callback, atol, rtol, max_evals)
-    if solver in DATA_MULTISTEP:
-        method, order = DATA_MULTISTEP[solver]
+    if solver in MULTISTEP:
+        method, order = MULTISTEP[solver]
         return method(fn, x, ts, order, _reporter(callback))
-    if solver == "ab3":
-        return multistep.ab3(fn, x, ts, _reporter(callback))
     if solver not in EVALS_PER_STEP:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     steps = len(ts) - 1
     evals = 0
-    v_prev, h_prev = None, None
     for i in range(steps):
         t0, t1 = ts[i], ts[i + 1]
         h = t1 - t0
@@ -82,21 +79,13 @@ def solve(
         elif solver == "midpoint":
             x_next = x + h * fn(x + (h / 2) * v, t0 + h / 2)
             evals += 1
-        elif solver == "rk4":
-            # The 3/8 rule (torchdiffeq's "rk4", which the original uses).
+        else:  # rk4: the 3/8 rule (torchdiffeq's "rk4", which the original uses)
             k1 = v
             k2 = fn(x + h * k1 / 3, t0 + h / 3)
             k3 = fn(x + h * (k2 - k1 / 3), t0 + 2 * h / 3)
             k4 = fn(x + h * (k1 - k2 + k3), t1)
             evals += 3
             x_next = x + h * (k1 + 3 * (k2 + k3) + k4) / 8
-        else:  # ab2: two-step Adams-Bashforth for uneven steps, one evaluation per step (Euler to start)
-            if v_prev is None:
-                x_next = x + h * v
-            else:
-                r = h / h_prev
-                x_next = x + h * ((1 + r / 2) * v - (r / 2) * v_prev)
-            v_prev, h_prev = v, h
         _finite_or_raise(x_next, t1)
         if callback is not None:
             callback({"step": i, "steps": steps, "t": t1, "x": x_next, "denoised": x + (1 - t0) * v, "evals": evals})
