@@ -16,118 +16,30 @@ from lumina_core import families, make_noise, sample
 from lumina_core.image.latent import to_model_space, to_vae_space
 from lumina_core.sampling.guidance import GUIDANCE_MODES
 from lumina_core.sampling.loop import EXTRAPOLATIONS, SamplingDefaults
-from lumina_core.sampling.schedule import GRIDS, POWER_RHO, POWER_SHIFT, sampling_grid, sigmas_from_time_grid
+from lumina_core.sampling.schedule import POWER_RHO, POWER_SHIFT, sampling_grid, sigmas_from_time_grid
 from lumina_core.sampling.solvers import SOLVERS
 
 from . import comfy_env, comfy_model, comfy_sampling
 from .common import check_latent
 from .latent import latent_for_family
 from .regions import conditioning_text
+from .sampling_inputs import (
+    FAMILY_DEFAULT,
+    SOLVER_TOOLTIP,
+    cfg_trunc_input,
+    denoise_input,
+    grid_inputs,
+    renorm_cfg_input,
+    shift_input,
+    steps_input,
+    tolerance_input,
+)
 
-MAX_STEPS = 10000
-# cfg_trunc / renorm_cfg value meaning "the model family's default" (any negative value does).
-FAMILY_DEFAULT = -1.0
-# What a MODEL without a Lumina family gets for FAMILY_DEFAULT: always guide, no clamp.
 # The class name of ComfyUI's model config for Lumina-Image-2.0 (comfy.supported_models.Lumina2); its subclasses
 # (Z-Image) are other models and keep the neutral settings.
 COMFY_LUMINA2_CONFIG = "Lumina2"
+# What a MODEL without a Lumina family gets for FAMILY_DEFAULT: always guide, no clamp.
 _NEUTRAL = {f.name: f.default for f in dataclasses.fields(SamplingDefaults) if f.name in ("cfg_trunc", "renorm_cfg")}
-SOLVER_TOOLTIP = (
-    "euler (1 evaluation per step), midpoint (2), rk4 (4, the 3/8 rule), ab2 (second order at 1 per step), dopri5 "
-    "(adaptive), dpm (Lumina-Image-2.0's flow DPM-Solver++ 2M, 1 per step on its own schedule, steps >= 2). Few "
-    "steps, 1 evaluation per step each: ab3 (Adams-Bashforth 3), dpmpp_2m / dpmpp_3m (DPM-Solver++ 2M / 3M), "
-    "unipc_2 / unipc_3 (UniPC bh2, predictor of order 2 / 3, its corrector reusing the next evaluation); with grid "
-    "power."
-)
-
-
-def _steps_input(default):
-    return ("INT", {"default": default, "min": 1, "max": MAX_STEPS, "step": 1, "tooltip": "Solver steps."})
-
-
-def _shift_input():
-    return (
-        "FLOAT",
-        {
-            "default": 4.0,
-            "min": 0.01,
-            "max": 100.0,
-            "step": 0.01,
-            "tooltip": "Time shift s of the schedule, t' = t / (t + s - s*t); 4.0 as the original. Higher spends more "
-            "steps near noise.",
-        },
-    )
-
-
-def _cfg_trunc_input():
-    return (
-        "FLOAT",
-        {
-            "default": FAMILY_DEFAULT,
-            "min": FAMILY_DEFAULT,
-            "max": 100.0,
-            "step": 0.01,
-            "tooltip": "CFG truncation (Lumina-Image-2.0): guide while the evaluation's t = 1 - sigma is below this "
-            "(t = 0 noise, 1 data), then evaluate the prompt alone at half the cost. 1.0 or more: always guide; 0: "
-            "never. -1: the model family's default (Lumina-Image-2.0: 0.25, about the first two thirds of the steps "
-            "at shift 6; Lumina-T2I, Lumina-Next and other models: 1.0). ComfyUI's RenormCFG tests sigma instead.",
-        },
-    )
-
-
-def _renorm_cfg_input():
-    return (
-        "FLOAT",
-        {
-            "default": FAMILY_DEFAULT,
-            "min": FAMILY_DEFAULT,
-            "max": 100.0,
-            "step": 0.01,
-            "tooltip": "CFG renormalisation (Lumina-Image-2.0): while guiding, the guided prediction's norm per image "
-            "is clamped to this times the prompt-only prediction's norm. 0: off. -1: the model family's default "
-            "(Lumina-Image-2.0: 1.0; Lumina-T2I, Lumina-Next and other models: 0, off).",
-        },
-    )
-
-
-def grid_inputs() -> dict:
-    """The solver-grid inputs (advanced; their defaults keep the Lumina grid of the shift input)."""
-    return {
-        "grid": (
-            list(GRIDS),
-            {
-                "default": "lumina",
-                "advanced": True,
-                "tooltip": "Solver grid. lumina: the shifted grid of the shift input (the solver's own for dpm), as "
-                "the originals. power: sigma_i = shift_s((1 - i/steps)^rho) with grid_shift and grid_rho (the shift "
-                "input unused): with ab3 or ab2 and 8 steps, the accuracy of the Lumina-T2I demo's 29 Euler steps on "
-                "exact flows; see the README's Few-step sampling.",
-            },
-        ),
-        "grid_shift": (
-            "FLOAT",
-            {
-                "default": POWER_SHIFT,
-                "min": 0.01,
-                "max": 100.0,
-                "step": 0.01,
-                "advanced": True,
-                "tooltip": "grid power only: its shift s, sigma' = s*sigma / (1 + (s-1)*sigma).",
-            },
-        ),
-        "grid_rho": (
-            "FLOAT",
-            {
-                "default": POWER_RHO,
-                "min": 0.1,
-                "max": 10.0,
-                "step": 0.01,
-                "advanced": True,
-                "tooltip": "grid power only: its exponent rho, sigma = (1 - i/steps)^rho before the shift; above 1 "
-                "puts more steps near the image, 1 is the Lumina grid at shift grid_shift.",
-            },
-        ),
-    }
 
 
 def family_setting(model, name: str, value: float) -> float:
@@ -145,20 +57,6 @@ def family_setting(model, name: str, value: float) -> float:
     if family in families.FAMILIES:
         return float(getattr(families.get_family(family).defaults, name))
     return float(_NEUTRAL[name])
-
-
-def _denoise_input():
-    return (
-        "FLOAT",
-        {
-            "default": 1.0,
-            "min": 0.0,
-            "max": 1.0,
-            "step": 0.01,
-            "tooltip": "1.0 generates from noise. Below 1 (img2img) only the last part of the schedule runs, as in "
-            "the original: about denoise * steps steps, from a partly noised input.",
-        },
-    )
 
 
 class LuminaSampler:
@@ -189,7 +87,7 @@ class LuminaSampler:
                         "tooltip": "Noise seed; the same noise as KSampler for the same seed and latent size.",
                     },
                 ),
-                "steps": _steps_input(30),
+                "steps": steps_input(30),
                 "cfg": (
                     "FLOAT",
                     {
@@ -203,8 +101,8 @@ class LuminaSampler:
                     },
                 ),
                 "solver": (list(SOLVERS), {"default": "euler", "tooltip": SOLVER_TOOLTIP}),
-                "shift": _shift_input(),
-                "denoise": _denoise_input(),
+                "shift": shift_input(),
+                "denoise": denoise_input(),
                 "extrapolation": (
                     list(EXTRAPOLATIONS),
                     {
@@ -225,7 +123,7 @@ class LuminaSampler:
             },
             # Optional (after the required widgets, so saved workflows keep their widget order): API prompts written
             # before these inputs existed still run, with the family's defaults.
-            "optional": {"cfg_trunc": _cfg_trunc_input(), "renorm_cfg": _renorm_cfg_input(), **grid_inputs()},
+            "optional": {"cfg_trunc": cfg_trunc_input(), "renorm_cfg": renorm_cfg_input(), **grid_inputs()},
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -307,9 +205,9 @@ class LuminaSigmas:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "steps": _steps_input(30),
-                "shift": _shift_input(),
-                "denoise": _denoise_input(),
+                "steps": steps_input(30),
+                "shift": shift_input(),
+                "denoise": denoise_input(),
                 "solver": (
                     list(SOLVERS),
                     {
@@ -340,20 +238,6 @@ class LuminaSigmas:
         return (sigmas_from_time_grid(sampling_grid(solver, steps, shift, denoise, grid, grid_shift, grid_rho)),)
 
 
-def _tolerance_input(default: float, minimum: float, what: str):
-    return (
-        "FLOAT",
-        {
-            "default": default,
-            "min": minimum,
-            "max": 1.0,
-            "step": minimum,
-            "round": False,
-            "tooltip": f"dopri5 only: {what} of the adaptive step control (the other solvers ignore it).",
-        },
-    )
-
-
 class LuminaODESampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -370,8 +254,8 @@ class LuminaODESampler:
                         "dpmpp_2m, dpmpp_3m, unipc_2, unipc_3 (Lumina Sigmas with grid power gives their grid).",
                     },
                 ),
-                "rtol": _tolerance_input(1e-3, 1e-8, "relative tolerance"),
-                "atol": _tolerance_input(1e-6, 1e-10, "absolute tolerance"),
+                "rtol": tolerance_input(1e-3, 1e-8, "relative tolerance"),
+                "atol": tolerance_input(1e-6, 1e-10, "absolute tolerance"),
             }
         }
 
@@ -426,7 +310,7 @@ class LuminaCFGGuider:
                     },
                 ),
             },
-            "optional": {"cfg_trunc": _cfg_trunc_input(), "renorm_cfg": _renorm_cfg_input()},
+            "optional": {"cfg_trunc": cfg_trunc_input(), "renorm_cfg": renorm_cfg_input()},
         }
 
     RETURN_TYPES = ("GUIDER",)
