@@ -316,7 +316,9 @@ def test_blockwise_layers_compute_what_the_whole_weight_computes(monkeypatch, ch
                 bound = (1e-6 if dtype == torch.float32 else 2.0 ** -8) * float(expected.abs().max())
                 assert float((got.float() - expected.float()).abs().max()) <= bound
         # Only a block of the weight was ever dense at once.
-        assert ws._buffers["weight"].numel() == min(chunk // layer.in_features, layer.out_features) * layer.in_features
+        block = min(chunk // layer.in_features, layer.out_features)
+        assert ws._buffers["weight"].numel() == block * layer.in_features
+        assert ws._buffers["product"].numel() == 10 * block  # and the block's products, for the 2 x 5 inputs
         monkeypatch.undo()
 
 

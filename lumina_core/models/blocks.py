@@ -20,7 +20,7 @@ from torch import nn
 
 from ..dtypes import is_fp8
 from .config import DiTConfig
-from .layers import FP32LayerNorm, apply_rope, repeat_kv, sdpa, timestep_embedding
+from .layers import FP32LayerNorm, repeat_kv, rotated_heads, sdpa, timestep_embedding
 from .regions import batch_regions, region_cross_attention, token_weights
 
 
@@ -87,12 +87,9 @@ class Attention(nn.Module):
         b, l, _ = x.shape
         dtype = x.dtype
         n_rep = self.n_heads // self.n_kv_heads
-        q = self.q_norm(self.wq(x)).view(b, l, self.n_heads, self.head_dim)
-        k = self.k_norm(self.wk(x)).view(b, l, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, l, self.n_kv_heads, self.head_dim)
-        q = apply_rope(q, cos, sin).to(dtype).transpose(1, 2)  # [B, H, L, D]
-        k = apply_rope(k, cos, sin).to(dtype).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q = rotated_heads(self.wq(x), self.q_norm, self.n_heads, self.head_dim, cos, sin, dtype)  # [B, H, L, D]
+        k = rotated_heads(self.wk(x), self.k_norm, self.n_kv_heads, self.head_dim, cos, sin, dtype)
+        v = self.wv(x).view(b, l, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         text_k, text_v = repeat_kv(text_k, n_rep), repeat_kv(text_v, n_rep)
@@ -124,7 +121,11 @@ class FeedForward(nn.Module):
         self.w3 = operations.Linear(cfg.dim, hidden, **kw)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # Inference: the hidden activations in place (the same values; one hidden-sized tensor fewer at a time).
+        hidden = F.silu(self.w1(x), inplace=True)
+        return self.w2(hidden.mul_(self.w3(x)))
 
 
 class TimestepEmbedder(nn.Module):

@@ -9,10 +9,36 @@ same explicitly, so the model behaves identically with or without autocast and w
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# On the CPU, per-token work with fp32 temporaries (norms, RoPE) runs this many tokens at a time (`over_token_chunks`).
+TOKEN_CHUNK = 256
+
+
+def over_token_chunks(fn, length: int, device, chunk: Optional[int] = None) -> torch.Tensor:
+    """fn(start, end) -> the result [B, end - start, ...] of tokens start:end of a per-token computation; returns
+    the result [B, length, ...] of all of them.
+
+    On the CPU a chunk of tokens at a time, each written into the one output: the fp32 temporaries of a norm or
+    RoPE over a whole sequence are several times its size (a norm of the 5B Flag-DiT's 2 x 1056 tokens at 512x512
+    makes three of 26 MB), and such blocks, freed after every layer between the tensors that live on, are what
+    glibc's heap keeps resident. The values are the same, bit for bit: every token is computed alone either way.
+    Elsewhere (GPUs: one kernel per op is faster and their allocator reuses blocks) and while torch.compile traces,
+    fn(0, length) at once. chunk: tokens at a time (None: TOKEN_CHUNK)."""
+    chunk = TOKEN_CHUNK if chunk is None else chunk
+    if torch.device(device).type != "cpu" or length <= chunk or torch.compiler.is_compiling():
+        return fn(0, length)
+    first = fn(0, chunk)
+    out = first.new_empty((first.shape[0], length, *first.shape[2:]))
+    out[:, :chunk] = first
+    del first
+    for start in range(chunk, length, chunk):
+        out[:, start:start + chunk] = fn(start, min(length, start + chunk))
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +48,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 3:
+            return self._norm(x)
+        return over_token_chunks(lambda start, end: self._norm(x[:, start:end]), x.shape[1], x.device)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight.to(device=x.device, dtype=x.dtype)
 
@@ -106,6 +137,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return out.flatten(-2)
+
+
+def rotated_heads(y: torch.Tensor, norm, heads: int, head_dim: int, cos, sin, dtype, *, per_head: bool = False
+                  ) -> torch.Tensor:
+    """The queries or keys of an attention, [B, heads, L, head_dim] in `dtype`, from its projection y [B, L,
+    heads * head_dim]: normed (`norm` over the whole projection, or over each head with `per_head`), turned by RoPE
+    (cos/sin as `apply_rope` takes them) in fp32, and cast; on the CPU a chunk of tokens at a time
+    (`over_token_chunks`)."""
+    b = y.shape[0]
+
+    def part(start: int, end: int) -> torch.Tensor:
+        heads_view = (b, end - start, heads, head_dim)
+        p = norm(y[:, start:end].reshape(heads_view)) if per_head else norm(y[:, start:end]).view(heads_view)
+        return apply_rope(p, cos[..., start:end, :], sin[..., start:end, :]).to(dtype)
+
+    return over_token_chunks(part, y.shape[1], y.device).transpose(1, 2)
 
 
 def proportional_attention_scale(seq_len: int, head_dim: int, base_seqlen: int) -> float:

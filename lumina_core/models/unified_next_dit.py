@@ -31,7 +31,7 @@ from torch import nn
 
 from .blocks import FeedForward, LuminaDiT, TimestepEmbedder, cached
 from .config import UnifiedNextDiTConfig
-from .layers import RMSNorm, apply_rope, from_patches, repeat_kv, sdpa
+from .layers import RMSNorm, from_patches, repeat_kv, rotated_heads, sdpa
 from .next_dit import NextFinalLayer, _modulate
 
 # q_norm/k_norm are built as RMSNorm(head_dim) with the norm class's default eps in the original.
@@ -95,8 +95,8 @@ class JointAttention(nn.Module):
         dtype = x.dtype
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(self.q_norm(q.view(b, l, nh, hd)), cos, sin).to(dtype).transpose(1, 2)
-        k = apply_rope(self.k_norm(k.view(b, l, nkv, hd)), cos, sin).to(dtype).transpose(1, 2)
+        q = rotated_heads(q, self.q_norm, nh, hd, cos, sin, dtype, per_head=True)
+        k = rotated_heads(k, self.k_norm, nkv, hd, cos, sin, dtype, per_head=True)
         v = v.view(b, l, nkv, hd).transpose(1, 2)
         k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)
         chunk = self.query_chunk if self.query_chunk is not None and self.query_chunk < l else l

@@ -77,7 +77,7 @@ def _q8_0_rows_into(out: torch.Tensor, raw: torch.Tensor, buf: torch.Tensor) -> 
 
 class Workspace:
     """Buffers the GGUF layers of one model share on the CPU (`share_workspace`): the block of dense weight the
-    layer running multiplies, and the fp32 values it is made from. Made anew for every layer, whole dense weights
+    layer running multiplies, the fp32 values it is made from, and the block's product. Made anew for every layer, whole dense weights
     (10-100 MB) landed between the small tensors that outlive a layer (a generation's cached text keys and values,
     activations) and the C heap kept the holes: measured on the 5B Flag-DiT as Q8_0 at 512x512 with cfg, resident
     memory grew by the size of one layer's text-key weight (25 MB) in most of its 32 layers during a step. Reused,
@@ -182,12 +182,19 @@ class GGUFLinear(QuantizedWeight, nn.Linear):
         bias = self.cast_bias(x)
         flat = x.reshape(-1, columns)
         out = flat.new_empty(flat.shape[0], rows)
+        tokens = flat.shape[0]
         buf = ws.buffer("weight", min(step, rows) * columns, x.dtype, x.device)
+        product = ws.buffer("product", tokens * min(step, rows), x.dtype, x.device)
         for start in range(0, rows, step):
             n = min(step, rows - start)
             weight = dequantize_rows_into(buf[:n * columns].view(n, columns), self.weight[start:start + n],
                                           self.qtype, DEQUANTIZE_CHUNK, ws)
-            out[:, start:start + n] = nn.functional.linear(flat, weight, None if bias is None else bias[start:start + n])
+            block = product[:tokens * n].view(tokens, n)  # the block's outputs, in a reused buffer too
+            if bias is None:
+                torch.mm(flat, weight.t(), out=block)
+            else:
+                torch.addmm(bias[start:start + n], flat, weight.t(), out=block)
+            out[:, start:start + n] = block
         return out.view(*x.shape[:-1], rows)
 
 
