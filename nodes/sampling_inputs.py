@@ -20,48 +20,35 @@ def steps_input(default):
     return ("INT", {"default": default, "min": 1, "max": MAX_STEPS, "step": 1, "tooltip": "Solver steps."})
 
 
+def _float_input(default: float, minimum: float, maximum: float, tooltip: str, **extra):
+    """A FLOAT widget in steps of 0.01."""
+    return ("FLOAT", {"default": default, "min": minimum, "max": maximum, "step": 0.01, **extra, "tooltip": tooltip})
+
+
 def shift_input():
-    return (
-        "FLOAT",
-        {
-            "default": 4.0,
-            "min": 0.01,
-            "max": 100.0,
-            "step": 0.01,
-            "tooltip": "Time shift s of the schedule, t' = t / (t + s - s*t); 4.0 as the original. Higher spends more "
-            "steps near noise.",
-        },
+    return _float_input(
+        4.0, 0.01, 100.0,
+        "Time shift s of the schedule, t' = t / (t + s - s*t); 4.0 as the original. Higher spends more steps near "
+        "noise.",
     )
 
 
 def cfg_trunc_input():
-    return (
-        "FLOAT",
-        {
-            "default": FAMILY_DEFAULT,
-            "min": FAMILY_DEFAULT,
-            "max": 100.0,
-            "step": 0.01,
-            "tooltip": "CFG truncation (Lumina-Image-2.0): guide while the evaluation's t = 1 - sigma is below this "
-            "(t = 0 noise, 1 data), then evaluate the prompt alone at half the cost. 1.0 or more: always guide; 0: "
-            "never. -1: the model family's default (Lumina-Image-2.0: 0.25, about the first two thirds of the steps "
-            "at shift 6; Lumina-T2I, Lumina-Next and other models: 1.0). ComfyUI's RenormCFG tests sigma instead.",
-        },
+    return _float_input(
+        FAMILY_DEFAULT, FAMILY_DEFAULT, 100.0,
+        "CFG truncation (Lumina-Image-2.0): guide while the evaluation's t = 1 - sigma is below this (t = 0 noise, "
+        "1 data), then evaluate the prompt alone at half the cost. 1.0 or more: always guide; 0: never. -1: the "
+        "model family's default (Lumina-Image-2.0: 0.25, about the first two thirds of the steps at shift 6; "
+        "Lumina-T2I, Lumina-Next and other models: 1.0). ComfyUI's RenormCFG tests sigma instead.",
     )
 
 
 def renorm_cfg_input():
-    return (
-        "FLOAT",
-        {
-            "default": FAMILY_DEFAULT,
-            "min": FAMILY_DEFAULT,
-            "max": 100.0,
-            "step": 0.01,
-            "tooltip": "CFG renormalisation (Lumina-Image-2.0): while guiding, the guided prediction's norm per image "
-            "is clamped to this times the prompt-only prediction's norm. 0: off. -1: the model family's default "
-            "(Lumina-Image-2.0: 1.0; Lumina-T2I, Lumina-Next and other models: 0, off).",
-        },
+    return _float_input(
+        FAMILY_DEFAULT, FAMILY_DEFAULT, 100.0,
+        "CFG renormalisation (Lumina-Image-2.0): while guiding, the guided prediction's norm per image is clamped to "
+        "this times the prompt-only prediction's norm. 0: off. -1: the model family's default (Lumina-Image-2.0: "
+        "1.0; Lumina-T2I, Lumina-Next and other models: 0, off).",
     )
 
 
@@ -79,43 +66,24 @@ def grid_inputs() -> dict:
                 "exact flows; see the README's Few-step sampling.",
             },
         ),
-        "grid_shift": (
-            "FLOAT",
-            {
-                "default": POWER_SHIFT,
-                "min": 0.01,
-                "max": 100.0,
-                "step": 0.01,
-                "advanced": True,
-                "tooltip": "grid power only: its shift s, sigma' = s*sigma / (1 + (s-1)*sigma).",
-            },
+        "grid_shift": _float_input(
+            POWER_SHIFT, 0.01, 100.0, "grid power only: its shift s, sigma' = s*sigma / (1 + (s-1)*sigma).",
+            advanced=True,
         ),
-        "grid_rho": (
-            "FLOAT",
-            {
-                "default": POWER_RHO,
-                "min": 0.1,
-                "max": 10.0,
-                "step": 0.01,
-                "advanced": True,
-                "tooltip": "grid power only: its exponent rho, sigma = (1 - i/steps)^rho before the shift; above 1 "
-                "puts more steps near the image, 1 is the Lumina grid at shift grid_shift.",
-            },
+        "grid_rho": _float_input(
+            POWER_RHO, 0.1, 10.0,
+            "grid power only: its exponent rho, sigma = (1 - i/steps)^rho before the shift; above 1 puts more steps "
+            "near the image, 1 is the Lumina grid at shift grid_shift.",
+            advanced=True,
         ),
     }
 
 
 def denoise_input():
-    return (
-        "FLOAT",
-        {
-            "default": 1.0,
-            "min": 0.0,
-            "max": 1.0,
-            "step": 0.01,
-            "tooltip": "1.0 generates from noise. Below 1 (img2img) only the last part of the schedule runs, as in "
-            "the original: about denoise * steps steps, from a partly noised input.",
-        },
+    return _float_input(
+        1.0, 0.0, 1.0,
+        "1.0 generates from noise. Below 1 (img2img) only the last part of the schedule runs, as in the original: "
+        "about denoise * steps steps, from a partly noised input.",
     )
 
 
