@@ -10,38 +10,26 @@ region (`lumina_core.sample(..., regions=...)`).
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, os.getcwd())  # the ComfyUI checkout
+from comfy_boot import main, rel  # first: ComfyUI on the CPU, the pack imported as ComfyUI does
 
-import comfy.cli_args  # noqa: E402
+# isort: split
 
-comfy.cli_args.args.cpu = True  # before comfy.model_management looks for a GPU
+import comfy.samplers
+import torch
+from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS as N
+from ComfyUI_Lumina.nodes import comfy_env, comfy_model
+from ComfyUI_Lumina.nodes.common import make_conditioning
+from ComfyUI_Lumina.nodes.regions import GLOBAL_CAPTION_KEY
 
-import torch  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("ComfyUI_Lumina", REPO / "__init__.py",
-                                               submodule_search_locations=[str(REPO)])
-pack = importlib.util.module_from_spec(_spec)
-sys.modules["ComfyUI_Lumina"] = pack
-_spec.loader.exec_module(pack)
-
-from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS as N  # noqa: E402
-from ComfyUI_Lumina.nodes import comfy_env, comfy_model  # noqa: E402
-from ComfyUI_Lumina.nodes.common import make_conditioning  # noqa: E402
-from ComfyUI_Lumina.nodes.regions import GLOBAL_CAPTION_KEY  # noqa: E402
-
-import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py: the pack is imported under its own name)
-from lumina_core.generation import sample  # noqa: E402
-from lumina_core.image.latent import to_vae_space  # noqa: E402
-from lumina_core.models.regions import grid_regions, region_text  # noqa: E402
-from lumina_core.sampling.schedule import make_noise  # noqa: E402
-from lumina_core.tiny import write_tiny_next_dit  # noqa: E402
+import nodes as comfy_nodes  # (ComfyUI's nodes.py: the pack is imported under its own name)
+from lumina_core.generation import sample
+from lumina_core.image.latent import to_vae_space
+from lumina_core.models.regions import grid_regions, region_text
+from lumina_core.sampling.schedule import make_noise
+from lumina_core.tiny import write_tiny_next_dit
 
 assert comfy_env.IN_COMFYUI
 
@@ -51,10 +39,6 @@ STEPS = 3
 CFG = 4.0
 # The latent: 6 x 8 (a 64 x 48 image), batch 2.
 LATENT = {"samples": torch.zeros(2, 4, 6, 8)}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 class Counter:
@@ -122,7 +106,6 @@ def core(dit, cond, uncond, regions, guidance="all"):
 
 
 def check_regions(out: Path) -> dict:
-    import comfy.samplers  # noqa: F401
     from comfy.patcher_extension import WrappersMP
 
     model = comfy_model.load_dit_model(str(write_tiny_next_dit(out / "tiny_next.safetensors", 3, cap_feat_dim=CAP)),
@@ -191,7 +174,5 @@ def check_regions(out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    name, out_dir = sys.argv[1], Path(sys.argv[2])
     with torch.no_grad():
-        result = {"regions": check_regions}[name](out_dir)
-    print("RESULT " + json.dumps(result))
+        sys.exit(main(globals()))

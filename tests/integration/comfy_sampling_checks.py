@@ -2,52 +2,34 @@
 test_comfyui_sampling.py): `python comfy_sampling_checks.py CHECK OUT_DIR` with the ComfyUI checkout as the working
 directory. Each check prints one JSON line of measurements; the pytest side asserts on them.
 
-The pack is imported the way ComfyUI imports a custom node (as a package from its folder), so its `nodes` package
-does not shadow ComfyUI's `nodes` module.
+`comfy_boot` starts ComfyUI on the CPU and imports the pack the way ComfyUI imports a custom node.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
 import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, os.getcwd())  # the ComfyUI checkout
+from comfy_boot import main, rel, tiny_sd3_state_dict  # first: ComfyUI on the CPU, the pack imported as ComfyUI does
 
-import comfy.cli_args  # noqa: E402
+# isort: split
 
-comfy.cli_args.args.cpu = True  # before comfy.model_management looks for a GPU
+import torch
+from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS as N
+from ComfyUI_Lumina.nodes import comfy_env, comfy_model
+from ComfyUI_Lumina.nodes.common import make_conditioning
 
-import torch  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("ComfyUI_Lumina", REPO / "__init__.py",
-                                               submodule_search_locations=[str(REPO)])
-pack = importlib.util.module_from_spec(_spec)
-sys.modules["ComfyUI_Lumina"] = pack
-_spec.loader.exec_module(pack)
-
-from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS as N  # noqa: E402
-from ComfyUI_Lumina.nodes import comfy_env, comfy_model  # noqa: E402
-from ComfyUI_Lumina.nodes.common import make_conditioning  # noqa: E402
-
-from lumina_core.generation import sample  # noqa: E402
-from lumina_core.image.latent import to_model_space, to_vae_space  # noqa: E402
-from lumina_core.sampling.schedule import make_noise, time_grid  # noqa: E402
-from lumina_core.sampling.solvers import solve  # noqa: E402
-from lumina_core.tiny import write_tiny_flag_dit  # noqa: E402
+from lumina_core.generation import sample
+from lumina_core.image.latent import to_model_space, to_vae_space
+from lumina_core.sampling.schedule import make_noise, time_grid
+from lumina_core.sampling.solvers import solve
+from lumina_core.tiny import write_tiny_flag_dit
 
 assert comfy_env.IN_COMFYUI
 
 CAP = 32
 SEED = 5
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def tiny_model(out: Path):
@@ -307,22 +289,11 @@ def check_gaussian(out: Path) -> dict:
 def check_sd3(out: Path) -> dict:
     """SD3's MMDiT (ComfyUI's own class and detection) from a tiny random state dict in the released key layout,
     sampled by SamplerCustomAdvanced with the Lumina CFG Guider and the Lumina ODE Sampler; saves a PNG."""
-    import comfy.ops
     import comfy.sd
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     from comfy_extras.nodes_custom_sampler import KSamplerSelect, Noise_RandomNoise, SamplerCustomAdvanced
     from PIL import Image
 
-    net = MMDiT(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2, adm_in_channels=64,
-                context_embedder_config={"target": "torch.nn.Linear",
-                                         "params": {"in_features": 64, "out_features": 128}},
-                pos_embed_max_size=16, num_patches=256, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
-                device="cpu")
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    for name, tensor in net.state_dict().items():
-        value = torch.randn(tensor.shape, generator=g)
-        sd[name] = value / math.sqrt(tensor.shape[1]) if tensor.ndim >= 2 else 0.1 * value
+    sd = tiny_sd3_state_dict()
     parameters = sum(v.numel() for v in sd.values())
     model = comfy.sd.load_diffusion_model_state_dict(sd)  # detected from the keys, as a file would be
     g = torch.Generator().manual_seed(1)
@@ -350,13 +321,5 @@ def check_sd3(out: Path) -> dict:
             "rk4_vs_euler": rel(rk4, lumina_euler), "finite": bool(torch.isfinite(rk4).all())}
 
 
-def main() -> int:
-    check, out = sys.argv[1], Path(sys.argv[2])
-    out.mkdir(parents=True, exist_ok=True)
-    result = globals()[f"check_{check}"](out)
-    print("RESULT " + json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(globals()))

@@ -73,6 +73,17 @@ def check_comfyui_env() -> None:
         pytest.fail("; ".join(problems) + ". Unset both to skip the real-ComfyUI tests.", pytrace=False)
 
 
+def run_check_script(script: Path, name: str, out_dir: Path, timeout: int = 1800) -> dict:
+    """Run the check `name` of a comfy_*_checks.py script in ComfyUI's python (no server; the checkout as the working
+    directory) and return the measurements of its last `RESULT {json}` line; fails with its output otherwise."""
+    check_comfyui_env()
+    result = subprocess.run([COMFYUI_PYTHON, str(script), name, str(out_dir)], cwd=COMFYUI_DIR,
+                            capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-6000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 class Server:
     """A ComfyUI server started for the tests, with the pack linked into custom_nodes and a tiny models tree."""
 

@@ -2,42 +2,28 @@
 test_comfyui_solvers.py): `python comfy_solver_checks.py CHECK OUT_DIR` with the ComfyUI checkout as the working
 directory. Each check prints one JSON line of measurements; the pytest side asserts on them.
 
-The pack is imported the way ComfyUI imports a custom node (as a package from its folder), so its `nodes` package
-does not shadow ComfyUI's `nodes` module.
+`comfy_boot` starts ComfyUI on the CPU and imports the pack the way ComfyUI imports a custom node.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, os.getcwd())  # the ComfyUI checkout
+from comfy_boot import main, rel, tiny_sd3_state_dict  # first: ComfyUI on the CPU, the pack imported as ComfyUI does
 
-import comfy.cli_args  # noqa: E402
+# isort: split
 
-comfy.cli_args.args.cpu = True  # before comfy.model_management looks for a GPU
+import torch
+from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS as N
+from ComfyUI_Lumina.nodes import comfy_env, comfy_model
+from ComfyUI_Lumina.nodes.common import make_conditioning
 
-import torch  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("ComfyUI_Lumina", REPO / "__init__.py",
-                                               submodule_search_locations=[str(REPO)])
-pack = importlib.util.module_from_spec(_spec)
-sys.modules["ComfyUI_Lumina"] = pack
-_spec.loader.exec_module(pack)
-
-from ComfyUI_Lumina.nodes import NODE_CLASS_MAPPINGS as N  # noqa: E402
-from ComfyUI_Lumina.nodes import comfy_env, comfy_model  # noqa: E402
-from ComfyUI_Lumina.nodes.common import make_conditioning  # noqa: E402
-
-from lumina_core.generation import sample  # noqa: E402
-from lumina_core.image.latent import to_vae_space  # noqa: E402
-from lumina_core.sampling.schedule import make_noise  # noqa: E402
-from lumina_core.tiny import write_tiny_flag_dit  # noqa: E402
+from lumina_core.generation import sample
+from lumina_core.image.latent import to_vae_space
+from lumina_core.sampling.schedule import make_noise
+from lumina_core.tiny import write_tiny_flag_dit
 
 assert comfy_env.IN_COMFYUI
 
@@ -45,10 +31,6 @@ NEW_SOLVERS = ("ab3", "dpmpp_2m", "dpmpp_3m", "unipc_2", "unipc_3")
 CAP = 32
 SEED = 5
 POWER = ("power", 2.0, 1.2)  # grid, grid_shift, grid_rho
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def custom_advanced(model, guider, solver, sigmas, latent, seed=SEED):
@@ -94,21 +76,10 @@ def tiny_sd3():
     weights on the fast frequencies of the timestep embedding (a phase of more than 2 over sigma's range of 1000)
     are zero, so that the velocity is smooth in sigma as a trained model's is (random weights there make it
     oscillate between steps, and no solver converges at a few steps)."""
-    import comfy.ops
     import comfy.sd
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    net = MMDiT(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2, adm_in_channels=64,
-                context_embedder_config={"target": "torch.nn.Linear",
-                                         "params": {"in_features": 64, "out_features": 128}},
-                pos_embed_max_size=16, num_patches=256, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
-                device="cpu")
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    for name, tensor in net.state_dict().items():
-        value = torch.randn(tensor.shape, generator=g)
-        sd[name] = value / math.sqrt(tensor.shape[1]) if tensor.ndim >= 2 else 0.1 * value
-    half = net.t_embedder.frequency_embedding_size // 2  # [cos | sin] of t * 10000^(-i/half), t = 1000 sigma
+    sd = tiny_sd3_state_dict()
+    half = sd["t_embedder.mlp.0.weight"].shape[1] // 2  # [cos | sin] of t * 10000^(-i/half), t = 1000 sigma
     fast = torch.exp(-math.log(10000.0) * torch.arange(half) / half) * 1000 > 2.0
     sd["t_embedder.mlp.0.weight"][:, torch.cat([fast, fast])] = 0.0
     parameters = sum(v.numel() for v in sd.values())
@@ -142,13 +113,5 @@ def check_sd3(out: Path) -> dict:
     return {"model": type(model.model).__name__, "parameters": parameters, "errors": errors}
 
 
-def main() -> int:
-    check, out = sys.argv[1], Path(sys.argv[2])
-    out.mkdir(parents=True, exist_ok=True)
-    result = globals()[f"check_{check}"](out)
-    print("RESULT " + json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(globals()))

@@ -19,7 +19,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,8 +41,6 @@ from tests.helpers_nodes import (  # noqa: E402
     ui_to_api,
 )
 from tests.integration.comfy_server import (  # noqa: E402
-    COMFYUI_DIR,
-    COMFYUI_PYTHON,
     INPUT_IMAGE,
     check_comfyui_env,
     execution_error,
@@ -52,6 +49,7 @@ from tests.integration.comfy_server import (  # noqa: E402
     preset_size,
     relative_difference,
     requires_comfyui,
+    run_check_script,
     small_prompt,
     start_server,
 )
@@ -302,11 +300,7 @@ def test_renorm_cfg_and_torch_compile_apply_to_the_lumina2_model(tmp_path):
 
     check_comfyui_env()
     write_dit(tmp_path / "dit", "original").rename(tmp_path / "tiny_lumina2.safetensors")
-    result = subprocess.run([COMFYUI_PYTHON, str(CHECKS), "patches_lumina2", str(tmp_path)], cwd=COMFYUI_DIR,
-                            capture_output=True, text=True, timeout=900)
-    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-6000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = run_check_script(CHECKS, "patches_lumina2", tmp_path, timeout=900)
     assert r["channels"] == FLUX_CHANNELS and r["in_channels"] == FLUX_CHANNELS
     # RenormCFG without renormalisation is plain CFG over all 16 channels: it ran and changed nothing, under
     # KSampler and under the Lumina Sampler (whose own truncation and renormalisation stay on).

@@ -9,10 +9,8 @@ assertions are here. Needs COMFYUI_DIR and COMFYUI_PYTHON (see `comfy_server`).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,13 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.helpers_nodes import GEMMA_NAME, NEXT_DIT_NAME, load_workflows, ui_to_api  # noqa: E402
 from tests.integration.comfy_server import (  # noqa: E402
-    COMFYUI_DIR,
-    COMFYUI_PYTHON,
-    check_comfyui_env,
     load_latent,
     png_size,
     relative_difference,
     requires_comfyui,
+    run_check_script,
     small_prompt,
     start_server,
 )
@@ -43,12 +39,7 @@ EXACT = 1e-5
 
 
 def test_area_conditioning_is_one_dit_evaluation_per_step_and_the_cores_regions(tmp_path):
-    check_comfyui_env()
-    result = subprocess.run([COMFYUI_PYTHON, str(CHECKS), "regions", str(tmp_path)], cwd=COMFYUI_DIR,
-                            capture_output=True, text=True, timeout=1800)
-    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-6000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = run_check_script(CHECKS, "regions", tmp_path)
     steps, batch = r["steps"], r["batch"]
     # Euler: one evaluation per step, each of both CFG branches' images (two areas: ComfyUI would run each alone).
     for name in ("lumina_sampler", "lumina_guider", "cfg_guider", "ksampler", "mask"):

@@ -9,8 +9,6 @@ its measurements as JSON; the assertions are here. Needs COMFYUI_DIR and COMFYUI
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +17,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.integration.comfy_server import (  # noqa: E402
-    COMFYUI_DIR,
-    COMFYUI_PYTHON,
-    check_comfyui_env,
     png_size,
     requires_comfyui,
+    run_check_script,
 )
 
 pytestmark = requires_comfyui
@@ -37,12 +33,7 @@ ADAPTIVE = 1e-4
 
 
 def run_check(name: str, tmp_path: Path) -> dict:
-    check_comfyui_env()
-    result = subprocess.run([COMFYUI_PYTHON, str(CHECKS), name, str(tmp_path)], cwd=COMFYUI_DIR,
-                            capture_output=True, text=True, timeout=1800)
-    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-6000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check_script(CHECKS, name, tmp_path)
 
 
 def test_lumina_sampler_equals_the_core_and_sampler_custom_advanced(tmp_path):

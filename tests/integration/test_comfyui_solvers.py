@@ -8,18 +8,14 @@ measurements as JSON; the assertions are here. Needs COMFYUI_DIR and COMFYUI_PYT
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.integration.comfy_server import (  # noqa: E402
-    COMFYUI_DIR,
-    COMFYUI_PYTHON,
-    check_comfyui_env,
     requires_comfyui,
+    run_check_script,
 )
 
 pytestmark = requires_comfyui
@@ -30,12 +26,7 @@ EXACT = 1e-5
 
 
 def run_check(name: str, tmp_path: Path) -> dict:
-    check_comfyui_env()
-    result = subprocess.run([COMFYUI_PYTHON, str(CHECKS), name, str(tmp_path)], cwd=COMFYUI_DIR,
-                            capture_output=True, text=True, timeout=1800)
-    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-6000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check_script(CHECKS, name, tmp_path)
 
 
 def test_new_solvers_on_the_lumina_t2i_model_equal_the_core(tmp_path):
