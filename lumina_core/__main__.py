@@ -12,7 +12,7 @@ import time
 
 def _convert(args) -> int:
     from .dtypes import dtype_from_name
-    from .weights.dit_files import convert_checkpoint, convert_to_gguf
+    from .weights.convert import convert_checkpoint, convert_to_gguf
     from .weights.layouts import CheckpointError
     from .weights.tensor_io import is_gguf
 

@@ -11,7 +11,7 @@ import torch
 from lumina_core import families
 from lumina_core.dtypes import dtype_from_name, is_fp8
 from lumina_core.models.flag_dit import FlagDiT
-from lumina_core.weights.dit_files import load_gguf_weights
+from lumina_core.weights.gguf_dit import load_gguf_weights
 from lumina_core.weights.tensor_io import is_gguf
 
 from . import comfy_gguf, flow_model

@@ -307,7 +307,7 @@ def make_tiny_models(root, *, hidden_size: int = TINY_HIDDEN, seed: int = 0, lum
 def _write_tiny_gguf(root: Path, dit_path: Path, hidden_size: int, seed: int) -> dict:
     import tempfile
 
-    from lumina_core.weights.dit_files import convert_to_gguf
+    from lumina_core.weights.convert import convert_to_gguf
     from tests.helpers_gguf_text import llama_cpp_gguf, make_llama_folder
 
     dit = root / "diffusion_models" / GGUF_DIT_NAME

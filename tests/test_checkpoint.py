@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lumina_core import FLAG_DIT_5B, FlagDiT, FlagDiTConfig
+from lumina_core.weights.convert import convert_checkpoint
 from lumina_core.weights.dit_files import (
-    convert_checkpoint,
     infer_flag_dit_config,
     load_flag_dit,
     read_flag_dit_config,

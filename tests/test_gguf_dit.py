@@ -217,13 +217,13 @@ def test_convert_refuses_a_gguf_type_for_a_safetensors_output(tmp_path, capsys):
 
 def test_convert_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     # Each tensor is read from the source only when the writer asks for it, after the previous one was written.
-    from lumina_core.weights import gguf_file
+    from lumina_core.weights import gguf_write
 
     src = tmp_path / "model.safetensors"
     save_dit(_model("lumina_next", tiny=True), src)
     events = []
-    original = gguf_file.GGUFWriter.write_tensor_data
-    monkeypatch.setattr(gguf_file.GGUFWriter, "write_tensor_data",
+    original = gguf_write.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf_write.GGUFWriter, "write_tensor_data",
                         lambda self, tensor, *a, **k: (events.append("write"), original(self, tensor, *a, **k))[1])
     from lumina_core.weights import dit_files
 

@@ -20,7 +20,8 @@ from lumina_core.generation import sample
 from lumina_core.sampling.schedule import make_noise
 from lumina_core.text.llama import LlamaTextEncoder
 from lumina_core.tiny import make_tiny_flag_dit, write_tiny_llama_folder
-from lumina_core.weights.dit_files import convert_checkpoint, load_flag_dit, save_flag_dit
+from lumina_core.weights.convert import convert_checkpoint
+from lumina_core.weights.dit_files import load_flag_dit, save_flag_dit
 from lumina_core.weights.fp8 import CastLinear, linear_weight_names, swap_linear_layers
 from tests.conftest import BF16_U
 from tests.helpers_dit import random_text

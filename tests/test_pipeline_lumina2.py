@@ -354,7 +354,7 @@ def test_from_single_file_reads_every_part_of_the_all_in_one_checkpoint(files):
 
 
 def test_a_gguf_transformer_stays_quantized_and_samples_as_the_core(files, tmp_path):
-    from lumina_core.weights.dit_files import convert_to_gguf
+    from lumina_core.weights.convert import convert_to_gguf
     from lumina_core.weights.quantized import QuantizedWeight
 
     gguf = tmp_path / "lumina2-q8_0.gguf"
@@ -382,7 +382,7 @@ def test_from_pretrained_reads_the_diffusers_layout(files, pipe, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert _close(_latent(loaded, seed=1), _latent(pipe, seed=1))
     gguf = tmp_path / "t.gguf"
-    from lumina_core.weights.dit_files import convert_to_gguf
+    from lumina_core.weights.convert import convert_to_gguf
 
     convert_to_gguf(files["dit"], gguf, qtype="bf16")
     assert Lumina2Pipeline.from_pretrained(tmp_path, transformer=gguf, torch_dtype=torch.float32) is not None

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -262,7 +262,9 @@ def load_dit_file(
     start = time.perf_counter()
     source = DiTFile(path, families)
     if source.is_gguf:
-        return _load_gguf(source, dtype=dtype, device=device, operations=operations)
+        from .gguf_dit import load_gguf_dit
+
+        return load_gguf_dit(source, dtype=dtype, device=device, operations=operations)
     config = source.config
     if dtype is None:
         probe = next(iter(source.file_key.values()))
@@ -308,52 +310,6 @@ def gguf_compute_dtype(dtype: Optional[torch.dtype], device) -> torch.dtype:
     return compute_dtype_for(device) if is_fp8(dtype) else dtype
 
 
-def load_gguf_weights(model: torch.nn.Module, path, *, dtype: Optional[torch.dtype], device="cpu",
-                      families: Optional[Iterable[str]] = None) -> torch.nn.Module:
-    """Fill `model`, a DiT built on the meta device with any `operations`, from the GGUF DiT at `path`: the weights
-    of layers that can hold GGUF blocks (`load_quantized`) stay quantized, the rest is dequantized into the compute
-    dtype (`gguf_compute_dtype`), which `model.compute_dtype` records. ComfyUI's loader builds its MODEL with its
-    own layers and fills it with this."""
-    from .gguf_dit import describe, load_gguf_state
-    from .quantized import quantized_bytes
-
-    start = time.perf_counter()
-    source = path if isinstance(path, DiTFile) else DiTFile(path, families)
-    compute = gguf_compute_dtype(dtype, device)
-    parameters = sum(p.numel() for p in model.parameters())
-    kept = load_gguf_state(model, source, compute, device)
-    model.requires_grad_(False).eval()
-    model.compute_dtype = compute
-    config = source.config
-    logger.info(
-        "Loaded %s (%s, %s) from %s: %.2fB parameters in %.1f MB (%d matrices kept quantized), dim %d, %d layers, "
-        "%d/%d heads, computed in %s on %s in %.1f s",
-        source.layout.title,
-        source.layout.description,
-        describe(source.src),
-        source.path,
-        parameters / 1e9,
-        quantized_bytes(model) / 2**20,
-        kept,
-        config.dim,
-        config.n_layers,
-        config.n_heads,
-        config.kv_heads,
-        dtype_name(compute),
-        device,
-        time.perf_counter() - start,
-    )
-    return model
-
-
-def _load_gguf(source: DiTFile, *, dtype, device, operations):
-    from .quantized import GGUF_OPERATIONS
-
-    compute = gguf_compute_dtype(dtype, device)
-    model = source.build(dtype=compute, operations=GGUF_OPERATIONS if operations is None else operations)
-    return load_gguf_weights(model, source, dtype=dtype, device=device)
-
-
 def read_dit_config(path, families: Optional[Iterable[str]] = None):
     """The configuration of a DiT file, read from its tensor shapes (no weights loaded)."""
     return DiTFile(path, families).config
@@ -373,63 +329,6 @@ def save_dit(model: torch.nn.Module, path, *, dtype: Optional[torch.dtype] = Non
         shapes={name: (tuple(state[key].shape), targets.get(key, state[key].dtype)) for name, key in named},
         metadata={"format": "pt", **(metadata or {})},
     )
-
-
-def convert_checkpoint(
-    src_path, dst_path, *, dtype: torch.dtype = torch.bfloat16, progress: Optional[Callable[[int, int], None]] = None,
-    families: Optional[Iterable[str]] = None,
-):
-    """Rewrite a DiT checkpoint (any layout; safetensors or .pth) as an unprefixed safetensors file of the original
-    names in `dtype`; returns its configuration.
-
-    Streams tensor by tensor: memory stays at about one tensor, whatever the file size. An fp8 dtype applies to the
-    linear weights; the other tensors (norms, biases, tokens: 0.3% of the 5B) are written in bf16.
-    """
-    src_path, dst_path = Path(src_path), Path(dst_path)
-    if dst_path.exists() and dst_path.resolve() == src_path.resolve():
-        raise CheckpointError(f"output {dst_path} is the input file; choose another output name")
-    source = DiTFile(src_path, families)
-    meta_model = source.build()
-    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
-    targets = storage_dtypes(meta_model, dtype, FP8_FILE_OTHER_DTYPE)
-    source.check_keys(expected)
-    total = len(expected)
-
-    def tensors():
-        for i, key in enumerate(expected):
-            yield key, source.get(key)
-            if progress is not None:
-                progress(i + 1, total)
-
-    write_safetensors(
-        dst_path,
-        tensors(),
-        shapes={k: (s, targets[k]) for k, s in expected.items()},
-        metadata={"format": "pt", "model": source.layout.name, "converted_from": src_path.name},
-    )
-    return source.config
-
-
-def convert_to_gguf(
-    src_path, dst_path, *, qtype: str = "q8_0", progress: Optional[Callable[[int, int], None]] = None,
-    families: Optional[Iterable[str]] = None,
-):
-    """Write a DiT checkpoint (any layout and family; safetensors, .pth or GGUF) as a GGUF file in city96's
-    conventions (`lumina_core.weights.gguf_dit`): q8_0, q5_1, q5_0, q4_1, q4_0 (the matrices; small tensors F32, the
-    embedders, final layer and refiners F16), or bf16/fp16/fp32. Streams tensor by tensor, so memory stays near one
-    output tensor. Returns the configuration."""
-    from .gguf_dit import gguf_write_type, write_dit_gguf
-
-    src_path, dst_path = Path(src_path), Path(dst_path)
-    if dst_path.exists() and dst_path.resolve() == src_path.resolve():
-        raise CheckpointError(f"output {dst_path} is the input file; choose another output name")
-    target = gguf_write_type(qtype)
-    source = DiTFile(src_path, families)
-    expected = {k: tuple(v.shape) for k, v in source.build().state_dict().items()}
-    source.check_keys(expected)
-    counts = write_dit_gguf(source, dst_path, expected, target, source.layout.family, progress)
-    logger.info("Wrote %s (%s): %s", dst_path, source.layout.title, ", ".join(f"{k} x {n}" for k, n in counts.items()))
-    return source.config
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -12,18 +12,23 @@ are written without one.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, Optional
+import time
+from typing import Callable, Iterable, Optional
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from .gguf_file import GGUFFile, write_gguf
+from ..dtypes import dtype_name
+from .dit_files import DiTFile, gguf_compute_dtype
+from .gguf_file import GGUFFile
 from .gguf_quants import block_layout, is_quantized, qtype_of
+from .gguf_write import write_gguf
 from .layouts import CheckpointError
-from .quantized import share_workspace
+from .quantized import GGUF_OPERATIONS, quantized_bytes, share_workspace
 
 Q = GGMLQuantizationType
 # general.architecture values of DiT files this pack reads (None: the key is absent).
@@ -41,6 +46,8 @@ UNQUANTIZED_PREFIXES = ("t_embedder.", "x_embedder.", "cap_embedder.", "final_la
                         "noise_refiner.")
 # general.architecture of a written file, by family (absent: none written).
 WRITE_ARCHITECTURE = {"lumina2": "lumina2"}
+
+logger = logging.getLogger(__name__)
 
 
 def check_dit_gguf(src: GGUFFile, wanted: str) -> None:
@@ -166,3 +173,50 @@ def write_dit_gguf(source, dst_path, expected: dict, qtype, family: str,
     write_gguf(dst_path, infos, lambda key: _encode(source.get(key), infos[key][1]),
                arch=WRITE_ARCHITECTURE.get(family), metadata=metadata, progress=progress)
     return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_gguf_weights(model: torch.nn.Module, path, *, dtype: Optional[torch.dtype], device="cpu",
+                      families: Optional[Iterable[str]] = None) -> torch.nn.Module:
+    """Fill `model`, a DiT built on the meta device with any `operations`, from the GGUF DiT at `path`: the weights
+    of layers that can hold GGUF blocks (`load_quantized`) stay quantized, the rest is dequantized into the compute
+    dtype (`gguf_compute_dtype`), which `model.compute_dtype` records. ComfyUI's loader builds its MODEL with its
+    own layers and fills it with this."""
+    start = time.perf_counter()
+    source = path if isinstance(path, DiTFile) else DiTFile(path, families)
+    compute = gguf_compute_dtype(dtype, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    kept = load_gguf_state(model, source, compute, device)
+    model.requires_grad_(False).eval()
+    model.compute_dtype = compute
+    config = source.config
+    logger.info(
+        "Loaded %s (%s, %s) from %s: %.2fB parameters in %.1f MB (%d matrices kept quantized), dim %d, %d layers, "
+        "%d/%d heads, computed in %s on %s in %.1f s",
+        source.layout.title,
+        source.layout.description,
+        describe(source.src),
+        source.path,
+        parameters / 1e9,
+        quantized_bytes(model) / 2**20,
+        kept,
+        config.dim,
+        config.n_layers,
+        config.n_heads,
+        config.kv_heads,
+        dtype_name(compute),
+        device,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def load_gguf_dit(source: DiTFile, *, dtype, device, operations=None) -> torch.nn.Module:
+    """The DiT of a GGUF `DiTFile` (`load_dit_file`'s path for GGUF files): built with GGUF-capable linear layers
+    (or `operations`) and filled by `load_gguf_weights`."""
+    compute = gguf_compute_dtype(dtype, device)
+    model = source.build(dtype=compute, operations=GGUF_OPERATIONS if operations is None else operations)
+    return load_gguf_weights(model, source, dtype=dtype, device=device)

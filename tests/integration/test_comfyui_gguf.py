@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lumina_core.weights.dit_files import convert_to_gguf  # noqa: E402
+from lumina_core.weights.convert import convert_to_gguf  # noqa: E402
 from tests.helpers_lumina2 import write_dit  # noqa: E402
 from tests.helpers_nodes import DIT_NAME, LLAMA_NAME  # noqa: E402
 from tests.integration.comfy_server import (  # noqa: E402

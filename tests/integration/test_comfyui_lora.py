@@ -172,7 +172,7 @@ def test_loras_reach_a_gguf_model_through_its_dequantized_weight(server):
     layers compute with (never the raw blocks), fully loaded, and give the latent of the dequantized weights with
     the LoRA merged."""
     pytest.importorskip("gguf")
-    from lumina_core.weights.dit_files import convert_checkpoint, convert_to_gguf
+    from lumina_core.weights.convert import convert_checkpoint, convert_to_gguf
 
     folder = server.base / "models" / "diffusion_models"
     gguf_name, dense_name = "lora_test_t2i_q8_0.gguf", "lora_test_t2i_q8_0_dense.safetensors"
