@@ -3,7 +3,7 @@
 A family's pipeline (`LuminaT2IPipeline`, `LuminaPipeline` for Lumina-Next, `Lumina2Pipeline` for Lumina-Image-2.0)
 names its registry entry; from it come the DiT and text-encoder loaders, the latent format (channels, scale and
 shift, which VAE decodes it and its packaged configuration) and the sampling defaults. Here: loading from local files
-(`from_files`, `from_pretrained` of a diffusers folder), devices and model CPU offload, attention slicing, LoRA, the
+(`from_files`, `from_pretrained` of a diffusers folder: `pipeline_files`), devices and model CPU offload, attention slicing, LoRA, the
 noise, the text of a call (prompts or precomputed embeddings), one generation through `lumina_core.sample` (exactly
 the Lumina Sampler node's sampling) and the VAE decode through diffusers' AutoencoderKL (`image.vae`).
 
@@ -21,16 +21,14 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .families import Family, checkpoint_family, get_family, load_text_encoder, text_encoder_family
+from .families import Family, get_family
 from .generation import sample
 from .image.latent import LatentFormat, latent_format, to_vae_space
 from .image.vae import decode, load_vae, to_pil
 from .lora import apply_lora, remove_lora
+from .pipeline_files import PipelineFiles
 from .pipeline_parts import VAE_FACTOR, _as_list, _check_embeds, _TextPreparedCall, size_error, unwrap
-from .sampling.schedule import GRIDS, POWER_RHO, POWER_SHIFT, make_noise, sampling_grid
-from .sampling.solvers import SOLVERS
-from .text.hf_folder import check_cap_feat_dim
-from .weights.tensor_io import DIFFUSERS_WEIGHTS, find_index
+from .sampling.schedule import make_noise
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +39,6 @@ IMAGE_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # diffusers' default image side (its transformers' sample_size 128 times the VAE factor 8).
 DEFAULT_SIZE = 1024
 # Files a diffusers `transformer/` or `vae/` folder may hold alone.
-_DIT_SUFFIXES = (".safetensors", ".gguf", ".pth", ".pt", ".ckpt")
 
 
 @dataclass
@@ -53,7 +50,7 @@ class LuminaPipelineOutput:
     images: Union[list, torch.Tensor]
 
 
-class FamilyPipeline:
+class FamilyPipeline(PipelineFiles):
     """The family-generic part of the script pipelines; a subclass sets `family_name` (a registry key).
 
     transformer: the family's DiT (replace it by `torch.compile(pipe.transformer)` to compile it); text_encoder: the
@@ -93,91 +90,6 @@ class FamilyPipeline:
     def _call_model(self) -> _TextPreparedCall:
         family = self.family
         return _TextPreparedCall(self.transformer, family.dit_class(), f"a {family.title} {family.dit_title}")
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Loading
-
-    @classmethod
-    def from_files(cls, dit, text_encoder=None, vae=None, *, torch_dtype: torch.dtype = torch.bfloat16,
-                   device="cpu"):
-        """Load from local files: dit, any file of the family's DiT that `load_dit` reads (safetensors in the
-        original, ComfyUI or diffusers layout, a diffusers `transformer/` folder, .pth, fp8, GGUF); text_encoder,
-        the family's text encoder (a Hugging Face folder, a diffusers `text_encoder/` folder, or ComfyUI's single
-        file where the family has one); vae, the VAE file of the family's latent format (read when an image is first
-        decoded).
-
-        The VAE is kept in float32 when torch_dtype is float16 (the VAEs overflow in fp16).
-        """
-        family = cls.registry_entry()
-        found = checkpoint_family(dit)
-        if found.name != family.name:
-            raise ValueError(f"{dit} holds a {found.title} {found.dit_title}; {cls.__name__} runs {family.title} "
-                             f"({family.dit_title}): use the pipeline of {found.title}")
-        encoder = None
-        if text_encoder is not None:
-            te_family = text_encoder_family(text_encoder)
-            if te_family.name != family.name:
-                raise ValueError(f"{text_encoder} holds {te_family.text_encoder_title}, the text encoder of "
-                                 f"{te_family.title}; {family.title} needs {family.text_encoder_source}")
-            encoder = load_text_encoder(text_encoder, dtype=torch_dtype, device=device)
-        model = family.load_dit(dit, dtype=torch_dtype, device=device)
-        if encoder is not None:
-            check_cap_feat_dim(encoder.hidden_size, model.config.cap_feat_dim, encoder_name=str(text_encoder),
-                               dit_name=str(dit))
-        if vae is not None and not Path(vae).is_file():
-            fmt = latent_format(family.latent_format)
-            raise FileNotFoundError(f"VAE file {vae} does not exist: give the path of {fmt.vae}")
-        vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
-        pipe = cls(model, encoder, vae_path=vae, vae_dtype=vae_dtype)
-        pipe._device = torch.device(device)
-        return pipe
-
-    @classmethod
-    def from_pretrained(cls, folder, *, transformer=None, torch_dtype: torch.dtype = torch.bfloat16, device="cpu"):
-        """Load a local folder in diffusers' layout: transformer/ (diffusers' sharded folder with its index json,
-        or one DiT file), text_encoder/ (beside tokenizer/, as diffusers keeps them), vae/ (one .safetensors;
-        optional). transformer: another DiT instead of transformer/: a file `load_dit` reads (a GGUF, say) or a
-        loaded model."""
-        folder = Path(folder)
-        layout = ("transformer/ (diffusers' folder or one DiT file), text_encoder/ + tokenizer/, vae/ (one "
-                  ".safetensors, optional)")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder; expected {layout}")
-
-        def files(sub: str, suffixes) -> list:
-            where = folder / sub
-            return sorted(p for p in where.iterdir() if p.suffix in suffixes) if where.is_dir() else []
-
-        def one(sub: str, suffixes, found: list):
-            if len(found) == 1:
-                return found[0]
-            what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
-            raise FileNotFoundError(f"{folder / sub} holds {what} {'/'.join(suffixes)} files; expected exactly one. "
-                                    f"Layout: {layout}")
-
-        loaded = None
-        if transformer is None:
-            dit_dir = folder / "transformer"
-            if dit_dir.is_dir() and (find_index(dit_dir) is not None or (dit_dir / DIFFUSERS_WEIGHTS).is_file()):
-                dit = dit_dir
-            else:
-                dit = one("transformer", _DIT_SUFFIXES, files("transformer", _DIT_SUFFIXES))
-        elif isinstance(transformer, torch.nn.Module):
-            loaded, dit = transformer, None
-        else:
-            dit = Path(transformer)
-        vae_files = files("vae", (".safetensors",))
-        vae = one("vae", (".safetensors",), vae_files) if vae_files else None
-        te = folder / "text_encoder"
-        if not te.is_dir():
-            raise FileNotFoundError(f"{te} is missing; expected {layout}")
-        if loaded is None:
-            return cls.from_files(dit=dit, text_encoder=te, vae=vae, torch_dtype=torch_dtype, device=device)
-        pipe = cls(loaded, load_text_encoder(te, dtype=torch_dtype, device=device), vae_path=vae,
-                   vae_dtype=torch.float32 if torch_dtype == torch.float16 else torch_dtype)
-        pipe._dit()  # refuses a model of another family
-        pipe._device = torch.device(device)
-        return pipe
 
     @property
     def vae(self):
@@ -445,77 +357,3 @@ class FamilyPipeline:
         if output_type == "np":
             return pixels.permute(0, 2, 3, 1).numpy()
         return to_pil(pixels)
-
-
-def sigmas_time_grid(sigmas: Sequence[float], shift: float) -> torch.Tensor:
-    """The t grid (float32, increasing, ending at 1) of diffusers' custom `sigmas` (noise levels, decreasing from
-    at most 1): each time-shifted as diffusers' FlowMatchEulerDiscreteScheduler does, s*sigma / (1 + (s-1)*sigma),
-    then the final sigma 0 appended; t = 1 - sigma."""
-    values = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    if values.numel() < 1 or not bool(torch.isfinite(values).all()):
-        raise ValueError(f"sigmas must be a non-empty sequence of finite numbers, got {sigmas!r}")
-    if not (bool((values > 0).all()) and bool((values <= 1).all()) and bool((values[1:] < values[:-1]).all())):
-        raise ValueError(f"sigmas must decrease from at most 1 and stay above 0 (the final 0 is appended), got "
-                         f"{[round(float(v), 4) for v in values]}")
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift!r}")
-    shifted = shift * values / (1 + (shift - 1) * values)
-    return torch.cat([1.0 - shifted, torch.ones(1, dtype=torch.float64)]).to(torch.float32)
-
-
-def check_callback_inputs(names, allowed=("latents", "prompt_embeds")) -> tuple:
-    """The tensor names a diffusers-style callback_on_step_end asks for, checked against what the pipeline has."""
-    names = tuple(names or ())
-    unknown = [n for n in names if n not in allowed]
-    if unknown:
-        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {list(allowed)}")
-    return names
-
-
-def step_callback(pipe, callback, names, grid, prompt_embeds) -> Optional[Callable]:
-    """`lumina_core.sample`'s per-step callback calling diffusers' callback_on_step_end(pipe, i, timestep, kwargs):
-    timestep the step's start as diffusers' scheduler numbers it ((1 - t) * 1000, a float32 tensor), kwargs the
-    named tensors (latents: the model-space latent after the step). Its return value is not applied: the core's
-    solvers keep their own state."""
-    if callback is None:
-        return None
-    ts = [float(t) for t in grid]
-
-    def on_step(info):
-        i = info["step"]
-        timestep = torch.tensor((1.0 - ts[min(i, len(ts) - 1)]) * 1000.0, dtype=torch.float32)
-        tensors = {"latents": info["x"], "prompt_embeds": prompt_embeds}
-        callback(pipe, i, timestep, {n: tensors[n] for n in names})
-
-    return on_step
-
-
-def solver_grid(solver: str, steps: int, shift: float, sigmas: Optional[Sequence[float]], grid: str = "lumina",
-                grid_shift: float = POWER_SHIFT, grid_rho: float = POWER_RHO) -> torch.Tensor:
-    """The t grid of a call: diffusers' custom sigmas, or the solver grid `grid` ("lumina": the solver's own at
-    `shift`; "power": `schedule.power_time_grid` with grid_shift and grid_rho)."""
-    if sigmas is not None:
-        return sigmas_time_grid(sigmas, shift)
-    return sampling_grid(solver, steps, shift, 1.0, grid, grid_shift, grid_rho)
-
-
-def check_sampling(solver: str, num_inference_steps, sigmas, grid: str = "lumina") -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if grid not in GRIDS:
-        raise ValueError(f"unknown solver grid {grid!r}; choose one of {', '.join(GRIDS)}")
-    if sigmas is not None and grid != "lumina":
-        raise ValueError(f"give sigmas or grid={grid!r}, not both: custom sigmas are the whole grid")
-    if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-
-
-def full_batch(text, device=None):
-    """encode_prompt's result as diffusers returns it: the negatives as many rows as the prompts, on `device`."""
-    feats, mask, nf, nm = text
-    if nf is not None and nf.shape[0] != feats.shape[0]:
-        nf, nm = nf.expand(feats.shape[0], -1, -1).clone(), nm.expand(feats.shape[0], -1).clone()
-    if device is not None:
-        feats, mask = feats.to(device), mask.to(device)
-        nf, nm = (None, None) if nf is None else (nf.to(device), nm.to(device))
-    return feats, mask, nf, nm

@@ -35,15 +35,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .family_pipeline import (
-    DEFAULT_SIZE,
-    FamilyPipeline,
-    check_callback_inputs,
-    check_sampling,
-    full_batch,
-    solver_grid,
-    step_callback,
-)
+from .family_pipeline import DEFAULT_SIZE, FamilyPipeline
+from .pipeline_parts import check_callback_inputs, check_sampling, full_batch, solver_grid, step_callback
 from .sampling.schedule import POWER_RHO, POWER_SHIFT
 
 # diffusers' limit on max_sequence_length.

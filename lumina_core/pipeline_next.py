@@ -33,16 +33,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .family_pipeline import (
-    DEFAULT_SIZE,
-    FamilyPipeline,
-    check_callback_inputs,
-    check_sampling,
-    full_batch,
-    solver_grid,
-    step_callback,
-)
+from .family_pipeline import DEFAULT_SIZE, FamilyPipeline
 from .models.config import TRAINED_SIDE, TRAINED_SIZE
+from .pipeline_parts import check_callback_inputs, check_sampling, full_batch, solver_grid, step_callback
 from .sampling.guidance import GUIDANCE_MODES
 from .sampling.loop import EXTRAPOLATIONS
 from .sampling.schedule import POWER_RHO, POWER_SHIFT

@@ -1,15 +1,18 @@
-"""The small parts of the script pipelines: the output type, the input checks, and the wrapper that lets a compiled
-transformer run with the text prepared once per generation."""
+"""The small parts of the script pipelines: the output type, the input checks, the wrapper that lets a compiled
+transformer run with the text prepared once per generation, and the sampling arguments and step callbacks of a
+call."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from .models.flag_dit import FlagDiT
 from .models.next_dit import decide_rope_factors
+from .sampling.schedule import GRIDS, POWER_RHO, POWER_SHIFT, sampling_grid
+from .sampling.solvers import SOLVERS
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 PIXEL_MULTIPLE = 16  # VAE factor 8 x patch size 2
@@ -139,4 +142,82 @@ def text_inputs(pipe, prompt, negative_prompt, prompt_embeds, prompt_attention_m
                          f"embeddings: give 1 or {prompt_embeds.shape[0]}")
     if nf.shape[0] != 1:
         nf, nm = nf.repeat_interleave(per_prompt, 0), nm.repeat_interleave(per_prompt, 0)
+    return feats, mask, nf, nm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sampling arguments and callbacks of the Lumina-Next and Lumina-Image-2.0 pipelines' calls
+
+
+def sigmas_time_grid(sigmas: Sequence[float], shift: float) -> torch.Tensor:
+    """The t grid (float32, increasing, ending at 1) of diffusers' custom `sigmas` (noise levels, decreasing from
+    at most 1): each time-shifted as diffusers' FlowMatchEulerDiscreteScheduler does, s*sigma / (1 + (s-1)*sigma),
+    then the final sigma 0 appended; t = 1 - sigma."""
+    values = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if values.numel() < 1 or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"sigmas must be a non-empty sequence of finite numbers, got {sigmas!r}")
+    if not (bool((values > 0).all()) and bool((values <= 1).all()) and bool((values[1:] < values[:-1]).all())):
+        raise ValueError(f"sigmas must decrease from at most 1 and stay above 0 (the final 0 is appended), got "
+                         f"{[round(float(v), 4) for v in values]}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    shifted = shift * values / (1 + (shift - 1) * values)
+    return torch.cat([1.0 - shifted, torch.ones(1, dtype=torch.float64)]).to(torch.float32)
+
+
+def check_callback_inputs(names, allowed=("latents", "prompt_embeds")) -> tuple:
+    """The tensor names a diffusers-style callback_on_step_end asks for, checked against what the pipeline has."""
+    names = tuple(names or ())
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {list(allowed)}")
+    return names
+
+
+def step_callback(pipe, callback, names, grid, prompt_embeds) -> Optional[Callable]:
+    """`lumina_core.sample`'s per-step callback calling diffusers' callback_on_step_end(pipe, i, timestep, kwargs):
+    timestep the step's start as diffusers' scheduler numbers it ((1 - t) * 1000, a float32 tensor), kwargs the
+    named tensors (latents: the model-space latent after the step). Its return value is not applied: the core's
+    solvers keep their own state."""
+    if callback is None:
+        return None
+    ts = [float(t) for t in grid]
+
+    def on_step(info):
+        i = info["step"]
+        timestep = torch.tensor((1.0 - ts[min(i, len(ts) - 1)]) * 1000.0, dtype=torch.float32)
+        tensors = {"latents": info["x"], "prompt_embeds": prompt_embeds}
+        callback(pipe, i, timestep, {n: tensors[n] for n in names})
+
+    return on_step
+
+
+def solver_grid(solver: str, steps: int, shift: float, sigmas: Optional[Sequence[float]], grid: str = "lumina",
+                grid_shift: float = POWER_SHIFT, grid_rho: float = POWER_RHO) -> torch.Tensor:
+    """The t grid of a call: diffusers' custom sigmas, or the solver grid `grid` ("lumina": the solver's own at
+    `shift`; "power": `schedule.power_time_grid` with grid_shift and grid_rho)."""
+    if sigmas is not None:
+        return sigmas_time_grid(sigmas, shift)
+    return sampling_grid(solver, steps, shift, 1.0, grid, grid_shift, grid_rho)
+
+
+def check_sampling(solver: str, num_inference_steps, sigmas, grid: str = "lumina") -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown solver grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    if sigmas is not None and grid != "lumina":
+        raise ValueError(f"give sigmas or grid={grid!r}, not both: custom sigmas are the whole grid")
+    if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+
+
+def full_batch(text, device=None):
+    """encode_prompt's result as diffusers returns it: the negatives as many rows as the prompts, on `device`."""
+    feats, mask, nf, nm = text
+    if nf is not None and nf.shape[0] != feats.shape[0]:
+        nf, nm = nf.expand(feats.shape[0], -1, -1).clone(), nm.expand(feats.shape[0], -1).clone()
+    if device is not None:
+        feats, mask = feats.to(device), mask.to(device)
+        nf, nm = (None, None) if nf is None else (nf.to(device), nm.to(device))
     return feats, mask, nf, nm

@@ -76,17 +76,21 @@ def diffusers_to_original(key: str) -> tuple[Optional[str], bool]:
     return None, False
 
 
+def _inverse(table: dict, name: str) -> list[str]:
+    """The diffusers names a table maps onto the original `name`, in table order."""
+    return [d for d, o in table.items() if o == name]
+
+
 def original_to_diffusers(key: str) -> list[str]:
     """The diffusers keys holding an original key's tensor (two for wq and q_norm, one otherwise)."""
-    for d, o in _DIFFUSERS_TOP.items():
-        if o == key:
-            return [d]
+    top = _inverse(_DIFFUSERS_TOP, key)
+    if top:
+        return top[:1]
     m = _LAYER_KEY.fullmatch(key)
     if not m:
         raise KeyError(key)
     n, rest = m.groups()
-    out = [f"layers.{n}.{d}" for d, o in _DIFFUSERS_LAYER.items() if o == rest]
-    out += [f"layers.{n}.{d}" for d, o in _DIFFUSERS_COPIES.items() if o == rest]
+    out = [f"layers.{n}.{d}" for d in _inverse(_DIFFUSERS_LAYER, rest) + _inverse(_DIFFUSERS_COPIES, rest)]
     if not out:
         raise KeyError(key)
     return out
@@ -155,9 +159,9 @@ def unified_original_to_diffusers(key: str) -> list[str]:
     """The diffusers keys holding an original key's tensor (three row blocks for qkv; none for norm_final)."""
     if key == "norm_final.weight":
         return []
-    for d, o in _L2_DIFFUSERS_TOP.items():
-        if o == key:
-            return [d]
+    top = _inverse(_L2_DIFFUSERS_TOP, key)
+    if top:
+        return top[:1]
     m = _L2_BLOCK_KEY.fullmatch(key)
     if not m:
         raise KeyError(key)
@@ -166,7 +170,7 @@ def unified_original_to_diffusers(key: str) -> list[str]:
         return [f"{block}.{name}" for name in _L2_QKV]
     if rest == "attention_norm1.weight":
         return [f"{block}.{'norm1.weight' if block.startswith('context_refiner') else 'norm1.norm.weight'}"]
-    names = [d for d, o in _L2_DIFFUSERS_BLOCK.items() if o == rest]
+    names = _inverse(_L2_DIFFUSERS_BLOCK, rest)
     if not names:
         raise KeyError(key)
     return [f"{block}.{names[0]}"]
