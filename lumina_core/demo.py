@@ -76,6 +76,10 @@ def add_demo_parser(sub):
                    help="guide while t < this (Lumina-Image-2.0's option; default the family's)")
     p.add_argument("--renorm-cfg", type=float, default=None,
                    help="clamp the guided velocity's norm (Lumina-Image-2.0's option; default the family's)")
+    p.add_argument("--unbatched-cfg", dest="batch_cfg", action="store_false",
+                   help="run the negative prompt as its own evaluation instead of batched with the positive: less "
+                        "memory, more time (on the CPU with a GGUF DiT, 0.17 GB less for the 5B Flag-DiT at 512x512, "
+                        "about 20%% slower)")
     p.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
                    help="weight dtype of both models (auto: bf16 on a GPU, fp32 on the CPU); fp8 stores the "
                    "weights in fp8 and computes in bf16 (fp32 on CPUs without bf16)")
@@ -274,7 +278,7 @@ def run_demo(args) -> int:
         latent = sample(
             dit, noise, cond, uncond, steps=steps, cfg=args.cfg, shift=args.shift, solver=args.solver,
             extrapolation=args.extrapolation, guidance=args.guidance, cfg_trunc=args.cfg_trunc,
-            renorm_cfg=args.renorm_cfg,
+            renorm_cfg=args.renorm_cfg, batch_cfg=args.batch_cfg,
         )
         solver = args.solver or family.defaults.solver
         stage(f"sample ({steps} {solver} steps, {width}x{height})", start)

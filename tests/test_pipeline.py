@@ -515,6 +515,19 @@ def test_demo_preview_png_is_the_latent_to_rgb_of_its_latent(tmp_path):
     assert np.abs(pixels.astype(int) - expected.numpy().astype(int)).max() <= 1
 
 
+def test_demo_unbatched_cfg_gives_the_batched_latent(tmp_path):
+    from safetensors.torch import load_file
+
+    from lumina_core.__main__ import main
+
+    args = ["demo", "--width", "48", "--height", "32", "--steps", "2", "--dtype", "fp32"]
+    assert main(args + ["--out", str(tmp_path / "batched")]) == 0
+    assert main(args + ["--out", str(tmp_path / "apart"), "--unbatched-cfg"]) == 0
+    batched, apart = (load_file(str(tmp_path / d / "lumina_demo.latent"))["latent_tensor"] for d in ("batched", "apart"))
+    torch.testing.assert_close(apart, batched, rtol=1e-4, atol=1e-4)  # raw latents: the model-space ones / 0.13
+    assert batched.abs().max() > 0.1
+
+
 def test_callback_on_step_end_sees_every_step_and_can_stop(pipe):
     seen = []
 

@@ -158,6 +158,33 @@ def test_cfg_batches_cond_and_uncond_and_cfg_one_skips_uncond(solver):
     assert {c["batch"] for c in plain.calls} == {3}
 
 
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+def test_unbatched_cfg_runs_the_negative_apart_with_the_same_result(solver):
+    """batch_cfg=False: every guided evaluation is two calls of B rows (positive, then negative), unguided ones (cfg
+    truncation) one; the latents equal the batched run's, for a callable model and for DiTs that prepare their
+    text (their text then unpadded: the negative is shorter than the positive)."""
+    noise = make_noise(0, (3, 4, 4, 4))
+    cond, uncond = _text(6, 1), _text(2, 2)
+    kw = dict(steps=4, cfg=4.0, shift=4.0, solver=solver, cfg_trunc=0.2)
+    batched, apart = Recorder(), Recorder()
+    truth = sample(batched, noise, cond, uncond, **kw)
+    out = sample(apart, noise, cond, uncond, batch_cfg=False, **kw)
+    guided = [c for c in batched.calls if c["batch"] == 6]
+    assert 0 < len(guided) < len(batched.calls)  # the truncation leaves some evaluations unguided
+    assert [c["batch"] for c in apart.calls] == [n for c in batched.calls for n in ([3, 3] if c["batch"] == 6 else [3])]
+    torch.testing.assert_close(out, truth, rtol=0, atol=1e-6)
+
+    from lumina_core import tiny
+
+    for model in (make_tiny_flag_dit(seed=3), tiny.make_tiny_unified_next_dit(seed=3)):
+        dim = model.config.cap_feat_dim
+        c, u = random_text(1, 5, dim, seed=1), random_text(1, 2, dim, seed=2)
+        noise = make_noise(1, (2, model.config.in_channels, 8, 8))
+        kw = dict(steps=3, cfg=4.0, shift=4.0, solver=solver)
+        truth = sample(model, noise, c, u, **kw)
+        torch.testing.assert_close(sample(model, noise, c, u, batch_cfg=False, **kw), truth, rtol=1e-5, atol=1e-5)
+
+
 def test_seed_reproduces_and_batch_position_is_independent_of_batch_size():
     model = make_tiny_flag_dit(seed=3)
     cond = random_text(1, 4, model.config.cap_feat_dim, seed=1)

@@ -46,7 +46,7 @@ from ..weights.gguf_dit import describe
 from ..weights.gguf_file import GGUFFile
 from ..weights.gguf_quants import FLOAT_QTYPES, is_quantized
 from ..weights.quantized import GGUFEmbedding, GGUFLinear, share_workspace
-from .hf_folder import rebuild_rotary_buffers
+from .hf_folder import check_loaded, rebuild_rotary_buffers
 from .hf_weights import TextEncoderError
 from .single_file import has_tokenizer_files
 
@@ -217,25 +217,35 @@ def load_gguf_text_encoder(
     src.check_supported()
     tokenizer = _tokenizer(encoder_class, src, spec)
     full = config_dict(src, spec)
-    config_class = encoder_class.config_class()
-    config = config_class.from_dict(full, attn_implementation="sdpa")
+    decoder = getattr(encoder_class, "gguf_decoder", None)
+    decoder = decoder() if decoder is not None else None  # a model of the pack's own (LLaMA), or transformers'
+    if decoder is not None:
+        config = decoder_config(decoder, full, path)
+    else:
+        config_class = encoder_class.config_class()
+        config = config_class.from_dict(full, attn_implementation="sdpa")
     encoder_class.check_model_config(config, str(path))  # Gemma-2 switches to eager attention here
     if config.vocab_size < len(tokenizer):
         raise TextEncoderError(f"The tokenizer of {path} has {len(tokenizer)} tokens but its embedding only "
                                f"{config.vocab_size} rows: the tokenizer files beside it belong to another model")
     layers = config.num_hidden_layers - 1 if spec.penultimate else config.num_hidden_layers
-    if layers != config.num_hidden_layers:
+    if layers != config.num_hidden_layers and decoder is not None:
+        config = decoder_config(decoder, {**full, "num_hidden_layers": layers}, path)
+    elif layers != config.num_hidden_layers:
         implementation = config._attn_implementation
         config = config_class.from_dict({**full, "num_hidden_layers": layers}, attn_implementation=implementation)
 
     with torch.device("meta"):
-        model = encoder_class.model_class()(config)
+        model = decoder(config) if decoder is not None else encoder_class.model_class()(config)
     swap_linear_layers(model, linear_cls or GGUFLinear)
     if spec.penultimate:
         model.norm = nn.Identity()
     quantized = _load_weights(model, src, spec, layers, full, compute, device)
     share_workspace(model)
-    rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
+    if decoder is None:
+        rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
+    else:
+        check_loaded(model)
     model.eval().requires_grad_(False)
     model.penultimate_only = spec.penultimate
 
@@ -250,6 +260,14 @@ def load_gguf_text_encoder(
         device, time.perf_counter() - start,
     )
     return encoder
+
+
+def decoder_config(decoder, full: dict, path):
+    """The configuration of the pack's own decoder class from a GGUF's metadata (`config_dict`)."""
+    try:
+        return decoder.config_class.from_dict(full)
+    except ValueError as err:
+        raise TextEncoderError(f"{path}: its metadata describes no model this loader builds: {err}") from err
 
 
 def _load_weights(model: nn.Module, src: GGUFFile, spec: TextArchitecture, layers: int, full: dict, compute,

@@ -19,7 +19,6 @@ import os
 import time
 
 import torch
-from transformers import AutoTokenizer
 
 from ..dtypes import compute_dtype_for, is_fp8
 from ..weights.fp8 import CastLinear, storage_dtypes, swap_linear_layers
@@ -286,6 +285,8 @@ def model_type_of(raw: dict) -> str:
 def load_tokenizer(folder: str, *, title: str, files: str, get_hint: str, needed: tuple, **flags):
     """AutoTokenizer of `folder` (flags passed on), right padding, refusing one without the `needed` special tokens
     ("bos", "eos", "pad"); files: the tokenizer files the model publishes, named in the errors."""
+    from transformers import AutoTokenizer  # here: a GGUF encoder with a rebuilt tokenizer never imports it
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **flags)
     except Exception as err:  # transformers raises many kinds here; all mean the same to the user
@@ -313,6 +314,11 @@ def rebuild_rotary_buffers(model, device: torch.device) -> None:
     with torch.device("cpu"):
         rotary = type(model.rotary_emb)(config=model.config)
     model.rotary_emb = rotary.to(device)
+    check_loaded(model)  # a transformers version with other non-persistent state: fail loudly, not compute garbage
+
+
+def check_loaded(model) -> None:
+    """Fail if any tensor of `model` was left on the meta device by the loading."""
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if left:  # a transformers version with other non-persistent state: fail loudly rather than compute garbage
+    if left:
         raise RuntimeError(f"{type(model).__name__} tensors left uninitialised after loading: {left[:4]}")

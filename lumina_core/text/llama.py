@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-from transformers import LlamaConfig, LlamaModel
 
 from .hf_folder import HFTextEncoder, as_prompt_list, load_tokenizer, right_padded
 from .hf_weights import LLAMA2_7B, TextEncoderError
@@ -68,11 +67,22 @@ class LlamaTextEncoder(HFTextEncoder):
 
     @classmethod
     def config_class(cls):
+        from transformers import LlamaConfig  # here: the GGUF route (gguf_decoder) never imports transformers
+
         return LlamaConfig
 
     @classmethod
     def model_class(cls):
+        from transformers import LlamaModel
+
         return LlamaModel
+
+    @classmethod
+    def gguf_decoder(cls):
+        """The model a llama.cpp file loads into: LLaMA's decoder in plain torch (`llama_decoder`)."""
+        from .llama_decoder import LlamaDecoder
+
+        return LlamaDecoder
 
     @classmethod
     def check_config(cls, folder: str) -> None:

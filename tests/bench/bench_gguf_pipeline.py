@@ -108,7 +108,7 @@ noise = make_noise(0, (1, 4, cfg["size"] // 8, cfg["size"] // 8))
 marks = [time.perf_counter()]
 start = marks[0]
 latent = sample(dit, noise, cond, uncond, steps=cfg["steps"], cfg=4.0, shift=4.0, solver="euler",
-                callback=lambda info: marks.append(time.perf_counter()))
+                batch_cfg=cfg.get("batch_cfg", True), callback=lambda info: marks.append(time.perf_counter()))
 stage("sample", start)
 out["step_seconds"] = [b - a for a, b in zip(marks, marks[1:])]
 out["finite"] = bool(latent.isfinite().all())
