@@ -322,6 +322,31 @@ def test_blockwise_layers_compute_what_the_whole_weight_computes(monkeypatch, ch
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("chunk", [1000, 7 * 512])
+def test_multiply_into_multiplies_by_the_layers_outputs_in_place(monkeypatch, chunk):
+    """multiply_into(x, out) leaves out * layer(x) in out, bit for bit the product with the layer's own outputs:
+    blockwise on the CPU (each block of outputs multiplied in as it is made), and with autograd on (no workspace
+    use) as a plain product."""
+    from lumina_core.weights import quantized
+
+    monkeypatch.setattr(quantized, "DEQUANTIZE_CHUNK", chunk)
+    for layer in (_quantized_layer(Q.Q8_0, rows=37, cols=512)[0], _quantized_layer(Q.Q4_K, rows=29, cols=256,
+                                                                                     bias=False, seed=1)[0]):
+        ws = share_workspace(torch.nn.Sequential(layer))
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 5, layer.in_features).to(dtype)
+            out = torch.randn(2, 5, layer.out_features).to(dtype)
+            with torch.no_grad():
+                expected = out * layer(x)
+                into = out.clone()
+                assert layer.multiply_into(x, into) is into
+            assert torch.equal(into, expected)
+            with torch.enable_grad():
+                into = out.clone()
+                assert torch.equal(layer.multiply_into(x, into), out * layer(x))
+        assert ws._buffers["product"].numel() == 10 * min(chunk // layer.in_features, layer.out_features)
+
+
 def test_layers_sharing_a_workspace_compute_what_they_compute_alone():
     """A model's GGUF layers given one workspace (as the GGUF loaders do) give the same outputs, bit for bit, in fp32
     and bf16, with and without bias; with autograd on, or a weight patch, they make their own weight."""

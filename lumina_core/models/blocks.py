@@ -106,8 +106,10 @@ class Attention(nn.Module):
             else:  # each token to its regions' captions (lumina_core.models.regions)
                 out_y = region_cross_attention(self.attention_fn, qc, text_k, text_v, text_mask,
                                                region_weights[:, :, start : start + chunk])
-            parts.append(out + out_y * gate)
+            # At inference in out_y, a fresh tensor (the same sum: out + out_y * gate).
+            parts.append(out_y.mul_(gate).add_(out) if not torch.is_grad_enabled() else out + out_y * gate)
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        del q, k, v, qc, out_y, parts  # the queries, keys and values are freed before the output projection runs
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
 
 
@@ -123,8 +125,12 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if torch.is_grad_enabled():
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        # Inference: the hidden activations in place (the same values; one hidden-sized tensor fewer at a time).
+        # Inference: the hidden activations in place (the same values; one hidden-sized tensor fewer at a time). A
+        # GGUF layer on the CPU multiplies its blocks of outputs straight into them: no w3(x) tensor at all.
         hidden = F.silu(self.w1(x), inplace=True)
+        multiply_into = getattr(self.w3, "multiply_into", None)
+        if multiply_into is not None:
+            return self.w2(multiply_into(x, hidden))
         return self.w2(hidden.mul_(self.w3(x)))
 
 

@@ -65,6 +65,11 @@ def family_extrapolation(mode: str, latent_h: int, latent_w: int, t: float, wate
     return extrapolation_kwargs(mode, latent_h, latent_w, t, watershed=watershed)
 
 
+def _gated(h: torch.Tensor, gate: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """gate * h per sample (in h when inplace)."""
+    return h.mul_(gate.unsqueeze(1)) if inplace else gate.unsqueeze(1) * h
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: FlagDiTConfig, operations=nn, device=None, dtype=None):
         super().__init__()
@@ -82,12 +87,15 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, c, cos, sin, softmax_scale, text_k, text_v, text_mask, region_weights=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = modulate(self.attention_norm(x), shift_msa, scale_msa)
-        x = x + gate_msa.unsqueeze(1) * self.attention(h, cos, sin, softmax_scale, text_k, text_v, text_mask,
-                                                       region_weights)
-        h = modulate(self.ffn_norm(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp.unsqueeze(1) * self.feed_forward(h)
-        return x
+        # At inference the norms' and branches' outputs, fresh tensors of this block, are modulated and gated in
+        # place: the same values, with fewer activation-sized tensors made (and left as holes in the CPU's heap).
+        inplace = not torch.is_grad_enabled()
+        h = modulate(self.attention_norm(x), shift_msa, scale_msa, inplace=inplace)
+        h = self.attention(h, cos, sin, softmax_scale, text_k, text_v, text_mask, region_weights)
+        x = x + _gated(h, gate_msa, inplace)
+        h = modulate(self.ffn_norm(x), shift_mlp, scale_mlp, inplace=inplace)
+        h = self.feed_forward(h)
+        return x + _gated(h, gate_mlp, inplace)
 
 
 class FinalLayer(nn.Module):

@@ -91,7 +91,11 @@ def from_patches(x: torch.Tensor, p: int, channels: int) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, rows * p, cols * p)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """x * (1 + scale) + shift per sample; inplace: in x itself (a fresh tensor of the caller's, at inference),
+    the same two roundings, without a new activation-sized tensor for each."""
+    if inplace:
+        return x.mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 

@@ -166,22 +166,32 @@ class GGUFLinear(QuantizedWeight, nn.Linear):
     and device in forward. Same constructor and state-dict keys as nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ws = self.workspace
-        if (ws is not None and self.qtype is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not getattr(self, "weight_function", ())):
-            return self._blockwise(x, ws)
+        if self._runs_blockwise(x):
+            return self._blockwise(x, self.workspace)
         weight, bias = self.cast_weight_bias(x)
         return nn.functional.linear(x, weight, bias)
 
-    def _blockwise(self, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    def multiply_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out *= self(x), in place (out: x's shape with out_features last); blockwise on the CPU, each block of
+        outputs multiplied into out as it is made, so the layer's whole output never exists. Returns out."""
+        if not self._runs_blockwise(x):
+            return out.mul_(self(x))
+        self._blockwise(x, self.workspace, into=out.view(-1, out.shape[-1]))
+        return out
+
+    def _runs_blockwise(self, x: torch.Tensor) -> bool:
+        return (self.workspace is not None and self.qtype is not None and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and not getattr(self, "weight_function", ()))
+
+    def _blockwise(self, x: torch.Tensor, ws: Workspace, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layer on the CPU without a whole dense weight: about DEQUANTIZE_CHUNK weights (a block of output
         features) at a time are dequantized into the workspace and multiplied, each block's outputs written into
-        the result."""
+        the result (or, with `into` [tokens, out_features], multiplied into it)."""
         rows, columns = self.weight_shape
         step = max(1, DEQUANTIZE_CHUNK // columns)
         bias = self.cast_bias(x)
         flat = x.reshape(-1, columns)
-        out = flat.new_empty(flat.shape[0], rows)
+        out = flat.new_empty(flat.shape[0], rows) if into is None else into
         tokens = flat.shape[0]
         buf = ws.buffer("weight", min(step, rows) * columns, x.dtype, x.device)
         product = ws.buffer("product", tokens * min(step, rows), x.dtype, x.device)
@@ -194,7 +204,10 @@ class GGUFLinear(QuantizedWeight, nn.Linear):
                 torch.mm(flat, weight.t(), out=block)
             else:
                 torch.addmm(bias[start:start + n], flat, weight.t(), out=block)
-            out[:, start:start + n] = block
+            if into is None:
+                out[:, start:start + n] = block
+            else:
+                out[:, start:start + n].mul_(block)
         return out.view(*x.shape[:-1], rows)
 
 
