@@ -230,7 +230,9 @@ class FlagDiT(TextConditionedDiT):
         else:
             scale = 1.0 / math.sqrt(cfg.head_dim)
 
-        out = self.unpatchify(self.run_layers(tokens, t, text, cos, sin, scale, dtype), h, w)
+        # Handed over through a list emptied into the call, the patchified input is freed once the first layer ran.
+        tokens = [tokens]
+        out = self.unpatchify(self.run_layers(tokens.pop(), t, text, cos, sin, scale, dtype), h, w)
         return out[:, : cfg.in_channels].to(out_dtype)
 
 

@@ -3,8 +3,10 @@ Gemma (`gemma`, Lumina-Next) and Gemma-2 (`gemma2`, Lumina-Image-2.0). SPEC.md Â
 
 llama.cpp's converter (`convert_hf_to_gguf.py`) renames every tensor (`blk.N.attn_q.weight`), permutes LLaMA's query
 and key rows for its rotary kernel, stores Gemma's RMSNorm weights plus one, and writes the configuration as
-metadata (`{arch}.block_count`, ...). Loading undoes each into the transformers model a Hugging Face folder loads
-into (`LlamaModel`, `GemmaModel`, `Gemma2Model`), so the features are those of the same weights in a folder:
+metadata (`{arch}.block_count`, ...). Loading undoes each into a model with the module names of the transformers
+model a Hugging Face folder loads into (`GemmaModel`, `Gemma2Model`; for LLaMA the encoder class's `gguf_decoder`,
+`llama_decoder.LlamaDecoder`, which computes what `LlamaModel` computes without importing transformers), so the
+features are those of the same weights in a folder:
 
 - names: `ARCHITECTURES` (Gemma-2's `ffn_norm` is its pre-feedforward norm, llama's and gemma's the
   post-attention norm);
