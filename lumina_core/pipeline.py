@@ -189,6 +189,7 @@ class LuminaT2IPipeline(FamilyPipeline):
         grid: str = "lumina",
         grid_shift: float = POWER_SHIFT,
         grid_rho: float = POWER_RHO,
+        batch_cfg: bool = True,
     ):
         """Generate images; returns LuminaT2IPipelineOutput(images=...) (a 1-tuple with return_dict=False).
 
@@ -201,6 +202,8 @@ class LuminaT2IPipeline(FamilyPipeline):
         grid, grid_shift, grid_rho: the solver grid, as the Lumina Sampler's: "lumina" (the shifted grid at `shift`)
         or "power" (sigma_i = shift_s((1 - i/N)^rho) with s = grid_shift, rho = grid_rho); with a multistep solver
         the few-step settings of the README's "Few-step sampling", e.g. solver="ab3", grid="power".
+        batch_cfg: False runs the negative prompt as its own evaluation (`lumina_core.sample`): less memory, more
+        time.
         """
         dit = unwrap(self.transformer)
         cap = dit.config.cap_feat_dim
@@ -258,7 +261,7 @@ class LuminaT2IPipeline(FamilyPipeline):
                 _TextPreparedCall(self.transformer), noise.to(device), (feats, mask),
                 (nfeats, nmask) if guided else None, steps=num_inference_steps, cfg=guidance_scale, shift=shift,
                 solver=solver, extrapolation=extrapolation, guidance=guidance, callback=on_step, grid=grid,
-                grid_shift=grid_shift, grid_rho=grid_rho,
+                grid_shift=grid_shift, grid_rho=grid_rho, batch_cfg=batch_cfg,
             )
         raw = to_vae_space(samples.float()).cpu()
         if output_type == "latent":

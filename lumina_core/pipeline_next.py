@@ -116,6 +116,7 @@ class LuminaPipeline(FamilyPipeline):
         grid: str = "lumina",
         grid_shift: float = POWER_SHIFT,
         grid_rho: float = POWER_RHO,
+        batch_cfg: bool = True,
     ):
         """Generate images; returns LuminaPipelineOutput(images=...) (a 1-tuple with return_dict=False).
 
@@ -131,6 +132,8 @@ class LuminaPipeline(FamilyPipeline):
         grid, grid_shift, grid_rho: the solver grid, as the Lumina Sampler's: "lumina" (the solver's own at `shift`)
         or "power" (sigma_i = shift_s((1 - i/N)^rho), s = grid_shift, rho = grid_rho; the README's "Few-step
         sampling"); not with `sigmas`.
+        batch_cfg: False runs the negative prompt as its own evaluation (`lumina_core.sample`): less memory, more
+        time.
 
         Noise: `latents` if given, else one draw per image from a list of generators, one draw from a single
         generator, the nodes' noise for `seed`, or torch's global generator (float32, on the generators' device).
@@ -171,6 +174,7 @@ class LuminaPipeline(FamilyPipeline):
             settings["extrapolation"] = extrapolation
         if sigmas is not None or grid != "lumina":
             settings["times"] = ts
+        settings["batch_cfg"] = batch_cfg
         out = self._sample(
             noise, None if feats is None else (feats, mask), (nf, nm) if guided else None, n_steps=len(ts) - 1,
             on_step=step_callback(self, callback_on_step_end, names, ts, feats),

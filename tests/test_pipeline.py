@@ -550,3 +550,17 @@ def test_callback_on_step_end_sees_every_step_and_can_stop(pipe):
 
     with pytest.raises(Stop):
         _latent(pipe, seed=1, callback_on_step_end=stop)
+
+
+def test_batch_cfg_false_gives_the_batched_latent(pipe):
+    rows = []
+    hook = pipe.transformer.layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        batched = _latent(pipe, seed=3, negative_prompt="blurry")
+        assert set(rows) == {2}
+        rows.clear()
+        apart = _latent(pipe, seed=3, negative_prompt="blurry", batch_cfg=False)
+        assert set(rows) == {1}
+    finally:
+        hook.remove()
+    torch.testing.assert_close(apart, batched, rtol=1e-4, atol=1e-5)

@@ -503,3 +503,17 @@ def test_power_solver_grid_is_the_cores(pipe):
     ref = _reference(pipe, [PROMPT], [""], _noise(2), steps=n, solver="dpmpp_2m", times=times)
     assert _close(out, ref)
     assert not _close(out, _latent(pipe, seed=2, num_inference_steps=n, solver="dpmpp_2m"), rtol=1e-3)
+
+
+def test_batch_cfg_false_gives_the_batched_latent(pipe):
+    rows = []
+    hook = pipe.transformer.layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        batched = _latent(pipe, seed=3, negative_prompt="blurry")
+        assert set(rows) == {2}
+        rows.clear()
+        apart = _latent(pipe, seed=3, negative_prompt="blurry", batch_cfg=False)
+        assert set(rows) == {1}
+    finally:
+        hook.remove()
+    torch.testing.assert_close(apart, batched, rtol=1e-4, atol=1e-5)
