@@ -1,5 +1,6 @@
 """Per-token work on the CPU a chunk of tokens at a time (`layers.over_token_chunks`): the DiTs' norms and RoPE give
-the same values, bit for bit, as over the whole sequence, and the in-place feed-forward those of the plain one."""
+the same values, bit for bit, as over the whole sequence, and the in-place feed-forward those of the plain one; so do
+the blocks' in-place modulation and gates at inference against the out-of-place forward autograd records."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from lumina_core.tiny import make_tiny_flag_dit, make_tiny_next_dit, make_tiny_u
 MODELS = {"lumina_t2i": make_tiny_flag_dit, "lumina_next": make_tiny_next_dit, "lumina2": make_tiny_unified_next_dit}
 
 
-def _forward(model, dtype, seed=0):
+def _forward(model, dtype, seed=0, grad=False):
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     # 16x24 latent: 96 image tokens with patch 2 (plus Flag-DiT's end-of-line tokens), two prompts of other lengths
     x = torch.randn(2, cfg.in_channels, 16, 24, generator=gen).to(dtype)
     feats = torch.randn(2, 7, cfg.cap_feat_dim, generator=gen).to(dtype)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return model(x, torch.tensor([0.3, 0.8]), feats, mask)
 
 
@@ -43,6 +44,13 @@ def test_each_dit_gives_the_same_output_bit_for_bit_in_chunks_of_tokens(monkeypa
     chunked = _forward(model, dtype)
     assert calls and max(calls) > chunk  # some sequence really was cut
     assert torch.equal(chunked, whole)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_in_place_gives_the_bits_of_the_autograd_forward(family, dtype):
+    model = MODELS[family]().to(dtype)
+    assert torch.equal(_forward(model, dtype), _forward(model, dtype, grad=True))
 
 
 def test_chunks_cover_every_token_once_in_order():

@@ -21,6 +21,7 @@ from .config import PATCH, TRAINED_SIDE, TRAINED_SIZE, VAE_FACTOR, FlagDiTConfig
 from .layers import (
     RMSNorm,
     from_patches,
+    gated,
     modulate,
     proportional_attention_scale,
     rope_cos_sin,
@@ -65,11 +66,6 @@ def family_extrapolation(mode: str, latent_h: int, latent_w: int, t: float, wate
     return extrapolation_kwargs(mode, latent_h, latent_w, t, watershed=watershed)
 
 
-def _gated(h: torch.Tensor, gate: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """gate * h per sample (in h when inplace)."""
-    return h.mul_(gate.unsqueeze(1)) if inplace else gate.unsqueeze(1) * h
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: FlagDiTConfig, operations=nn, device=None, dtype=None):
         super().__init__()
@@ -92,10 +88,10 @@ class TransformerBlock(nn.Module):
         inplace = not torch.is_grad_enabled()
         h = modulate(self.attention_norm(x), shift_msa, scale_msa, inplace=inplace)
         h = self.attention(h, cos, sin, softmax_scale, text_k, text_v, text_mask, region_weights)
-        x = x + _gated(h, gate_msa, inplace)
+        x = x + gated(h, gate_msa, inplace=inplace)
         h = modulate(self.ffn_norm(x), shift_mlp, scale_mlp, inplace=inplace)
         h = self.feed_forward(h)
-        return x + _gated(h, gate_mlp, inplace)
+        return x + gated(h, gate_mlp, inplace=inplace)
 
 
 class FinalLayer(nn.Module):

@@ -91,6 +91,11 @@ def from_patches(x: torch.Tensor, p: int, channels: int) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, rows * p, cols * p)
 
 
+def gated(h: torch.Tensor, gate: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """gate * h per sample (gate [B, D], h [B, L, D]); inplace: in h, a fresh tensor of the caller's."""
+    return h.mul_(gate.unsqueeze(1)) if inplace else gate.unsqueeze(1) * h
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """x * (1 + scale) + shift per sample; inplace: in x itself (a fresh tensor of the caller's, at inference),
     the same two roundings, without a new activation-sized tensor for each."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from .blocks import Attention, FeedForward, TextConditionedDiT, TextContext, cached
 from .config import TRAINED_SIDE, TRAINED_SIZE, NextDiTConfig
-from .layers import RMSNorm, from_patches, proportional_attention_scale, rope_2d_cos_sin, to_patches
+from .layers import RMSNorm, from_patches, gated, proportional_attention_scale, rope_2d_cos_sin, to_patches
 
 
 def time_aware_rope_factors(t: float, scale_factor: float, scale_watershed: float) -> tuple[float, float]:
@@ -50,8 +50,9 @@ def decide_rope_factors(kwargs: dict, t: float) -> dict:
     return kwargs
 
 
-def _modulate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1))
+def _modulate(x: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """x * (1 + scale) per sample; inplace: in x, a fresh tensor of the caller's (inference)."""
+    return x.mul_(1 + scale.unsqueeze(1)) if inplace else x * (1 + scale.unsqueeze(1))
 
 
 class NextDiTBlock(nn.Module):
@@ -75,14 +76,14 @@ class NextDiTBlock(nn.Module):
     def forward(self, x, c, cos, sin, softmax_scale, text_k, text_v, text_mask, region_weights=None):
         # adaLN without shift; the gates pass through tanh; each branch is normed before and after (sandwich).
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        inplace = not torch.is_grad_enabled()  # at inference the norms' fresh outputs are scaled and gated in place
         h = self.attention(
-            _modulate(self.attention_norm1(x), scale_msa), cos, sin, softmax_scale, text_k, text_v, text_mask,
-            region_weights,
+            _modulate(self.attention_norm1(x), scale_msa, inplace), cos, sin, softmax_scale, text_k, text_v,
+            text_mask, region_weights,
         )
-        x = x + gate_msa.unsqueeze(1).tanh() * self.attention_norm2(h)
-        h = self.feed_forward(_modulate(self.ffn_norm1(x), scale_mlp))
-        x = x + gate_mlp.unsqueeze(1).tanh() * self.ffn_norm2(h)
-        return x
+        x = x + gated(self.attention_norm2(h), gate_msa.tanh(), inplace=inplace)
+        h = self.feed_forward(_modulate(self.ffn_norm1(x), scale_mlp, inplace))
+        return x + gated(self.ffn_norm2(h), gate_mlp.tanh(), inplace=inplace)
 
 
 class NextFinalLayer(nn.Module):

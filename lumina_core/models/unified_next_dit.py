@@ -31,7 +31,7 @@ from torch import nn
 
 from .blocks import FeedForward, LuminaDiT, TimestepEmbedder, cached
 from .config import UnifiedNextDiTConfig
-from .layers import RMSNorm, from_patches, repeat_kv, rotated_heads, sdpa
+from .layers import RMSNorm, from_patches, gated, repeat_kv, rotated_heads, sdpa
 from .next_dit import NextFinalLayer, _modulate
 
 # q_norm/k_norm are built as RMSNorm(head_dim) with the norm class's default eps in the original.
@@ -100,8 +100,11 @@ class JointAttention(nn.Module):
         v = v.view(b, l, nkv, hd).transpose(1, 2)
         k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)
         chunk = self.query_chunk if self.query_chunk is not None and self.query_chunk < l else l
-        parts = [self.attention_fn(q[:, :, s : s + chunk], k, v, mask=mask) for s in range(0, l, chunk)]
+        parts = []
+        for start in range(0, l, chunk):  # a loop, not a comprehension: q, k and v stay plain locals to free below
+            parts.append(self.attention_fn(q[:, :, start : start + chunk], k, v, mask=mask))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        del q, k, v, parts  # freed before the output projection runs
         return self.out(out.transpose(1, 2).reshape(b, l, nh * hd))
 
 
@@ -130,10 +133,11 @@ class JointBlock(nn.Module):
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, cos, sin))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        h = self.attention(_modulate(self.attention_norm1(x), scale_msa), mask, cos, sin)
-        x = x + gate_msa.unsqueeze(1).tanh() * self.attention_norm2(h)
-        h = self.feed_forward(_modulate(self.ffn_norm1(x), scale_mlp))
-        return x + gate_mlp.unsqueeze(1).tanh() * self.ffn_norm2(h)
+        inplace = not torch.is_grad_enabled()  # at inference the norms' fresh outputs are scaled and gated in place
+        h = self.attention(_modulate(self.attention_norm1(x), scale_msa, inplace), mask, cos, sin)
+        x = x + gated(self.attention_norm2(h), gate_msa.tanh(), inplace=inplace)
+        h = self.feed_forward(_modulate(self.ffn_norm1(x), scale_mlp, inplace))
+        return x + gated(self.ffn_norm2(h), gate_mlp.tanh(), inplace=inplace)
 
 
 def _key_mask(mask: torch.Tensor):
