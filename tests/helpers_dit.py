@@ -19,3 +19,19 @@ def random_text(batch, length, dim, seed=0, lengths=None):
         for i, n in enumerate(lengths):
             mask[i, n:] = False
     return feats, mask
+
+
+def check_negative_apart(pipe, latent):
+    """A pipeline's batch_cfg=False: the transformer's first layer sees 1-row inputs (2-row ones batched) and the
+    latent equals the batched one; latent(pipe, **kwargs) generates one model-space latent."""
+    rows = []
+    hook = pipe.transformer.layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        batched = latent(pipe, seed=3, negative_prompt="blurry")
+        assert set(rows) == {2}
+        rows.clear()
+        apart = latent(pipe, seed=3, negative_prompt="blurry", batch_cfg=False)
+        assert set(rows) == {1}
+    finally:
+        hook.remove()
+    torch.testing.assert_close(apart, batched, rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ from lumina_core.image.latent import SDXL_SCALING_FACTOR, to_vae_space
 from lumina_core.image.vae import INSTALL_HINT
 from lumina_core.sampling.schedule import make_noise
 from lumina_core.tiny import make_tiny_flag_dit
+from tests.helpers_dit import check_negative_apart
 from tests.helpers_nodes import DIT_NAME, LLAMA_NAME, make_tiny_models
 
 try:
@@ -553,14 +554,4 @@ def test_callback_on_step_end_sees_every_step_and_can_stop(pipe):
 
 
 def test_batch_cfg_false_gives_the_batched_latent(pipe):
-    rows = []
-    hook = pipe.transformer.layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    try:
-        batched = _latent(pipe, seed=3, negative_prompt="blurry")
-        assert set(rows) == {2}
-        rows.clear()
-        apart = _latent(pipe, seed=3, negative_prompt="blurry", batch_cfg=False)
-        assert set(rows) == {1}
-    finally:
-        hook.remove()
-    torch.testing.assert_close(apart, batched, rtol=1e-4, atol=1e-5)
+    check_negative_apart(pipe, _latent)

@@ -22,6 +22,7 @@ from lumina_core.generation import sample
 from lumina_core.image.latent import to_vae_space
 from lumina_core.pipeline_lumina2 import diffusers_cfg_trunc
 from lumina_core.sampling.schedule import make_noise, time_grid
+from tests.helpers_dit import check_negative_apart
 from tests.helpers_lora import identical, make_entries, merged, snapshot, spell
 from tests.helpers_nodes import GEMMA2_NAME, LUMINA2_DIT_NAME, make_tiny_models
 from tests.reference_lumina2 import TINY
@@ -506,14 +507,4 @@ def test_power_solver_grid_is_the_cores(pipe):
 
 
 def test_batch_cfg_false_gives_the_batched_latent(pipe):
-    rows = []
-    hook = pipe.transformer.layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    try:
-        batched = _latent(pipe, seed=3, negative_prompt="blurry")
-        assert set(rows) == {2}
-        rows.clear()
-        apart = _latent(pipe, seed=3, negative_prompt="blurry", batch_cfg=False)
-        assert set(rows) == {1}
-    finally:
-        hook.remove()
-    torch.testing.assert_close(apart, batched, rtol=1e-4, atol=1e-5)
+    check_negative_apart(pipe, _latent)

@@ -22,6 +22,7 @@ from lumina_core.image.latent import SDXL_SCALING_FACTOR, to_vae_space
 from lumina_core.models.regions import grid_regions
 from lumina_core.pipeline_next import diffusers_rope_rule
 from lumina_core.sampling.schedule import make_noise, time_grid
+from tests.helpers_dit import check_negative_apart
 from tests.helpers_lora import identical, make_entries, merged, snapshot, spell
 from tests.helpers_nodes import GEMMA_NAME, NEXT_DIT_NAME, make_tiny_models
 
@@ -543,14 +544,4 @@ def test_power_solver_grid_is_the_cores(pipe):
 
 
 def test_batch_cfg_false_gives_the_batched_latent(pipe):
-    rows = []
-    hook = pipe.transformer.layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    try:
-        batched = _latent(pipe, seed=3, negative_prompt="blurry")
-        assert set(rows) == {2}
-        rows.clear()
-        apart = _latent(pipe, seed=3, negative_prompt="blurry", batch_cfg=False)
-        assert set(rows) == {1}
-    finally:
-        hook.remove()
-    torch.testing.assert_close(apart, batched, rtol=1e-4, atol=1e-5)
+    check_negative_apart(pipe, _latent)
