@@ -3,8 +3,8 @@ transformers.
 
 A llama.cpp LLaMA file is loaded into this module instead of transformers' `LlamaModel` (`gguf_text`): the whole
 Lumina-T2I pipeline from GGUF files then never imports transformers (unless tokenizer files sit beside the .gguf),
-whose modules alone stay resident at about 0.12 GB for the rest of the process — a fifth of what the pipeline needs
-beyond its weights on a 6 GB machine (tests/bench/bench_gguf_pipeline.py).
+whose modules alone stay resident at about 0.12 GB for the rest of the process: with the 5B Flag-DiT as Q8_0 at
+512x512 on the CPU, the difference between a pipeline above and below 6 GB (tests/bench/bench_gguf_pipeline.py).
 
 It computes what `LlamaModel(...).last_hidden_state` computes for Lumina-T2I's calls (input ids, no attention mask,
 no cache, SDPA attention), in the same operations and order: RMSNorm in fp32 cast back before its weight; rotary
