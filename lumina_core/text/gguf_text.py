@@ -219,8 +219,8 @@ def load_gguf_text_encoder(
     src.check_supported()
     tokenizer = _tokenizer(encoder_class, src, spec)
     full = config_dict(src, spec)
-    decoder = getattr(encoder_class, "gguf_decoder", None)
-    decoder = decoder() if decoder is not None else None  # a model of the pack's own (LLaMA), or transformers'
+    own_decoder = getattr(encoder_class, "gguf_decoder", None)  # a model of the pack's own (LLaMA)
+    decoder = own_decoder() if own_decoder is not None else None
     if decoder is not None:
         config = decoder_config(decoder, full, path)
     else:
@@ -231,9 +231,7 @@ def load_gguf_text_encoder(
         raise TextEncoderError(f"The tokenizer of {path} has {len(tokenizer)} tokens but its embedding only "
                                f"{config.vocab_size} rows: the tokenizer files beside it belong to another model")
     layers = config.num_hidden_layers - 1 if spec.penultimate else config.num_hidden_layers
-    if layers != config.num_hidden_layers and decoder is not None:
-        config = decoder_config(decoder, {**full, "num_hidden_layers": layers}, path)
-    elif layers != config.num_hidden_layers:
+    if layers != config.num_hidden_layers:  # Gemma and Gemma-2, which run in transformers' models
         implementation = config._attn_implementation
         config = config_class.from_dict({**full, "num_hidden_layers": layers}, attn_implementation=implementation)
 

@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -126,14 +125,13 @@ with open("/proc/self/status") as f:
 """
 
 
-def run_child(argv: list[str], env: Optional[dict] = None) -> tuple[str, float]:
+def run_child(argv: list[str]) -> tuple[str, float]:
     """Run a process; returns (stdout, the kernel's ru_maxrss of it in GB). Raises on failure.
 
     ru_maxrss counts the parent's resident memory at the fork too (Linux carries the forked copy's high-water mark
     across exec), so the children report their own peak, VmHWM, which starts anew at exec."""
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO, text=True,
-                                env=None if env is None else {**os.environ, **env})
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         out.seek(0)
