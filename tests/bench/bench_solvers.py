@@ -30,7 +30,8 @@ the evaluations per solver, by default docs/few_step_solvers.png (the README sho
     python tests/bench/bench_solvers.py [--quick] [--plot PATH | --no-plot] [--skip-dit]
 
 --quick: fewer flows (no 1024x1024 latents), grids and steps, about a minute; the README's figures come from the
-full run (about 1.5 hours on 2 busy cores).
+full run (about 1.5 hours on 2 busy cores). bench_solver_grid_limit.py frees every point of the grid instead of
+searching these two-parameter families.
 """
 
 from __future__ import annotations
