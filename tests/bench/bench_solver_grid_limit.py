@@ -6,14 +6,16 @@ so the grid stays increasing from t = 0 to t = 1), and Nelder-Mead minimises the
 demo's error on that flow, starting from the best power grid of a small set. The result bounds what grid tuning can
 give that solver at that budget: a worst-flow ratio above 1 after the search means no grid of the search's reach
 makes the solver match the demo on every flow (Nelder-Mead is a local method, so it is an estimate of the bound, not
-a proof; `--starts 2` adds the Lumina grid at the demo's shift as a second start).
+a proof; `--starts 2` adds the Lumina grid at the demo's shift as a second start). `--global` runs scipy's
+differential evolution instead (seeded, then polished), a global search over step logits in [-4, 4] that is
+practical for solvers with few steps (midpoint: 5 free points at 12 evaluations, about 4 minutes).
 
 Flows, errors and demos are bench_solvers.py's (relative RMS error against the exact solution); the search runs on
 every flow but the largest latent, as bench_solvers.py's grid search does, and the grid found is then checked on every
 flow. Float64 grids (the core rounds its own grids to float32; the difference is far below the ratios reported).
 
     python tests/bench/bench_solver_grid_limit.py [--evals 12] [--demo Lumina-Image-2.0]
-        [--solvers midpoint,rk4,ab3,unipc_3,dpmpp_3m] [--maxfev 1500] [--starts 1]
+        [--solvers midpoint,rk4,ab3,unipc_3,dpmpp_3m] [--maxfev 1500] [--starts 1] [--global [--generations 60]]
 
 Needs scipy (`pip install scipy`) for Nelder-Mead. About 6-8 minutes per solver on 2 cores at 12 evaluations.
 """
@@ -55,9 +57,10 @@ def ratios(flows, refs, targets, solver, grid) -> dict:
     return {f: relative(solve(flow.velocity, flow.z, grid, solver), refs[f]) / targets[f] for f, flow in flows.items()}
 
 
-def search(flows, refs, targets, solver, steps, starts, maxfev, demo_grid):
-    """(worst ratio, per-flow ratios, grid) of the best grid found, and (worst ratio, name) of the best start."""
-    from scipy.optimize import minimize
+def search(flows, refs, targets, solver, steps, starts, maxfev, demo_grid, generations=0):
+    """(worst ratio, per-flow ratios, grid) of the best grid found, and (worst ratio, name) of the best start;
+    generations > 0: differential evolution for that many generations instead of Nelder-Mead."""
+    from scipy.optimize import differential_evolution, minimize
 
     start_scores = sorted((max(ratios(flows, refs, targets, solver, time_points(solver, g, steps).double())
                                .values()), g) for g in START_GRIDS)
@@ -75,6 +78,10 @@ def search(flows, refs, targets, solver, steps, starts, maxfev, demo_grid):
             best[:] = [worst, r, grid]
         return math.log(worst)
 
+    if generations:
+        differential_evolution(objective, [(-4.0, 4.0)] * (steps - 1), seed=0, maxiter=generations, popsize=12,
+                               tol=1e-6, polish=True)
+        return best, first
     for init in inits:
         x = logits_of(init)
         for _ in range(2):  # a restart from the best point renews the simplex
@@ -91,6 +98,9 @@ def main() -> int:
     parser.add_argument("--solvers", default="midpoint,rk4,ab3,unipc_3,dpmpp_3m")
     parser.add_argument("--maxfev", type=int, default=1500, help="objective evaluations per start (default 1500)")
     parser.add_argument("--starts", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--global", dest="global_search", action="store_true",
+                        help="differential evolution instead of Nelder-Mead (for solvers with few steps)")
+    parser.add_argument("--generations", type=int, default=60, help="generations of --global (default 60)")
     args = parser.parse_args()
     try:
         import scipy  # noqa: F401
@@ -118,7 +128,8 @@ def main() -> int:
         steps = args.evals // EVALS_PER_STEP[solver]
         t0 = time.perf_counter()
         (worst, per_flow, grid), (start_worst, start) = search(searched, refs, targets, solver, steps, args.starts,
-                                                               args.maxfev, demo_grid)
+                                                               args.maxfev, demo_grid,
+                                                               args.generations if args.global_search else 0)
         every = ratios(flows, refs, targets, solver, grid)
         rows.append([solver, steps * EVALS_PER_STEP[solver], f"{start_worst:.2f} ({grid_name(start)})",
                      f"{worst:.2f}", f"{max(every.values()):.2f}",
