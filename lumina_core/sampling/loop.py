@@ -175,12 +175,12 @@ def sample(
         kwargs = {} if extrapolation_rule is None else extrapolation_rule(extrapolation, lh, lw, t, watershed)
         guiding = guided_at(t, cfg_trunc)
         with_uncond = use_cfg and guiding
-        if with_uncond and not batch_cfg:
-            tb = torch.full((xt.shape[0],), t, device=device, dtype=torch.float32)
-            v = torch.cat([velocity(xt, tb, key, kwargs).to(xt.dtype) for key in (False, "uncond")])
+        apart = with_uncond and not batch_cfg  # the positive, then the negative, each of B rows
+        xb = xt.repeat(2, 1, 1, 1) if with_uncond and not apart else xt
+        tb = torch.full((xb.shape[0],), t, device=device, dtype=torch.float32)
+        if apart:
+            v = torch.cat([velocity(xb, tb, key, kwargs).to(xt.dtype) for key in (False, "uncond")])
         else:
-            xb = xt.repeat(2, 1, 1, 1) if with_uncond else xt
-            tb = torch.full((xb.shape[0],), t, device=device, dtype=torch.float32)
             v = velocity(xb, tb, with_uncond, kwargs).to(xt.dtype)
         if not guiding:
             return v

@@ -219,12 +219,12 @@ def load_gguf_text_encoder(
     src.check_supported()
     tokenizer = _tokenizer(encoder_class, src, spec)
     full = config_dict(src, spec)
-    own_decoder = getattr(encoder_class, "gguf_decoder", None)  # a model of the pack's own (LLaMA)
-    decoder = own_decoder() if own_decoder is not None else None
-    if decoder is not None:
-        config = decoder_config(decoder, full, path)
+    own_decoder = getattr(encoder_class, "gguf_decoder", None)  # a model of the pack's own (LLaMA), else transformers'
+    if own_decoder is not None:
+        model_class = own_decoder()
+        config = decoder_config(model_class, full, path)
     else:
-        config_class = encoder_class.config_class()
+        config_class, model_class = encoder_class.config_class(), encoder_class.model_class()
         config = config_class.from_dict(full, attn_implementation="sdpa")
     encoder_class.check_model_config(config, str(path))  # Gemma-2 switches to eager attention here
     if config.vocab_size < len(tokenizer):
@@ -236,13 +236,13 @@ def load_gguf_text_encoder(
         config = config_class.from_dict({**full, "num_hidden_layers": layers}, attn_implementation=implementation)
 
     with torch.device("meta"):
-        model = decoder(config) if decoder is not None else encoder_class.model_class()(config)
+        model = model_class(config)
     swap_linear_layers(model, linear_cls or GGUFLinear)
     if spec.penultimate:
         model.norm = nn.Identity()
     quantized = _load_weights(model, src, spec, layers, full, compute, device)
     share_workspace(model)
-    if decoder is None:
+    if own_decoder is None:
         rebuild_rotary_buffers(model, device)  # also checks that nothing is left on the meta device
     else:
         check_loaded(model)

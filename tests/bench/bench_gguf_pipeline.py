@@ -15,16 +15,16 @@ Writes random weights in the released shapes into a temporary folder:
 
 Then each configuration runs in a fresh process (the whole pipeline as `python -m lumina_core demo` runs it: load the
 text encoder, encode the prompt and the empty negative, free the encoder, load the DiT, sample with cfg at 512x512):
-bf16 DiT + bf16 encoder, fp8 DiT + fp8 encoder, Q8_0 DiT + Q4_K_M encoder (computed in bf16, or fp32 on a CPU
-without bf16, as fp8 storage computes), and the encodings of that run saved and sampled with the Q8_0 DiT in a
-process that loads no text encoder (the GGUF two-stage workflow's stage 2); both GGUF runs again with the negative
-prompt evaluated apart from the positive (`sample(batch_cfg=False)`, the demo's `--unbatched-cfg`: half the
-activations at a time, the weights dequantized twice per step). Neither GGUF process imports transformers (the
-LLaMA GGUF runs in `lumina_core.text.llama_decoder`, its tokenizer rebuilt from the metadata); each reports whether
-it did. Peak
-RSS is each child's own high-water mark (VmHWM); seconds per step are the sampling steps' mean, and the ratios are
-taken within this one run. Target: the GGUF pipeline below 6 GB. The folder is deleted at the end. Needs ~34 GB of disk and ~14 GB of memory (the bf16 run);
-`--size small` checks the script in a few minutes, `--only-gguf` skips the bf16 and fp8 runs (and their files).
+bf16 DiT + bf16 encoder, fp8 DiT + fp8 encoder, Q8_0 DiT + Q4_K_M encoder (computed in bf16, or fp32 on a CPU without
+bf16, as fp8 storage computes), and the encodings of that run saved and sampled with the Q8_0 DiT in a process that
+loads no text encoder (the GGUF two-stage workflow's stage 2); both GGUF runs again with the negative prompt evaluated
+apart from the positive (`sample(batch_cfg=False)`, the demo's `--unbatched-cfg`: half the activations at a time, the
+weights dequantized twice per step). Neither GGUF process imports transformers (the LLaMA GGUF runs in
+`lumina_core.text.llama_decoder`, its tokenizer rebuilt from the metadata); each reports whether it did. Peak RSS is
+each child's own high-water mark (VmHWM); seconds per step are the sampling steps' mean, and the ratios are taken
+within this one run. Target: the GGUF pipeline below 6 GB. The folder is deleted at the end. Needs ~34 GB of disk and
+~14 GB of memory (the bf16 run); `--size small` checks the script in a few minutes, `--only-gguf` skips the bf16 and
+fp8 runs (and their files).
 
     python tests/bench/bench_gguf_pipeline.py [--size full|small] [--dir DIR] [--steps 2] [--json FILE]
 """
